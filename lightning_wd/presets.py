@@ -1,0 +1,237 @@
+"""Ready rule lists.
+
+* :func:`standard` decays exactly the weight matrices and kernels of linear maps and
+  nothing else, derived from structure (owner classes, parameter roles, shapes), so it
+  works on architectures it has never seen.
+* :func:`gpt` is nanoGPT's heuristic: decay every parameter with two or more dimensions.
+* :func:`uniform` decays everything alike; :func:`none` decays nothing.
+
+The role predicates (:func:`is_embedding`, :func:`is_normalization`, :func:`is_bias`,
+:func:`is_linear_weight`) are public so that custom rule lists can reuse them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.conv import _ConvNd
+
+from lightning_wd.rules import DecayRule, _class_names, param_ndim
+
+__all__ = ["gpt", "is_bias", "is_embedding", "is_linear_weight", "is_normalization", "none", "standard", "uniform"]
+
+_TORCH_NORMS: tuple[type, ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
+_TORCH_EMBEDDINGS: tuple[type, ...] = (nn.Embedding, nn.EmbeddingBag)
+_TORCH_LINEAR: tuple[type, ...] = (nn.Linear, nn.Bilinear, _ConvNd, nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
+
+_NORM_CLASS = re.compile(r"Norm(?!al(?!i[sz]))|Normali[sz]|^DyT$|DynamicTanh")
+_EMBED_CLASS = re.compile(r"Embed(?:ding)?s?$|Embedding|PosEnc|PositionalEncoding")
+# Words (split on '_' and case changes) that mark a free-standing tensor as a token, a table,
+# a scale or another non-matrix role.
+_NO_DECAY_WORDS = re.compile(
+    r"^(embed\w*|emb|pos\w*|token\w*|tokens|cls|mask\w*|register\w*|table|tables|latent\w*|quer\w*|prompt\w*|"
+    r"scale\w*|gamma\w*|beta|alpha|temperature|temp|tau|log\w*|bias\w*|offset\w*|shift|codebook\w*|"
+    r"memory|mem|anchor\w*|prior\w*|freq\w*|inv|mean|std|var)$"
+)
+_WEIGHT_WORDS = re.compile(r"^(weight|weights|kernel|proj|projection|w\d*|wq|wk|wv|wo|router|gate|experts?)$")
+
+
+def _words(name: str) -> list[str]:
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    return [w for w in re.split(r"[_\W]+", spaced.lower()) if w]
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _holds_layer_weight(module: nn.Module) -> bool:
+    return isinstance(module, _TORCH_LINEAR)
+
+
+def is_embedding(name: str, param: Tensor, module: nn.Module) -> bool:
+    """Whether ``param`` is held by an embedding table (torch's, or any class named like one).
+
+    A weight tied between an embedding and an output head is reachable through the
+    embedding too, so it matches here under that alias.
+
+    Example::
+
+        >>> import torch
+        >>> emb = torch.nn.Embedding(10, 4)
+        >>> is_embedding("wte.weight", emb.weight, emb)
+        True
+    """
+    if isinstance(module, _TORCH_EMBEDDINGS):
+        return True
+    if _holds_layer_weight(module):
+        return False
+    return any(_EMBED_CLASS.search(n) for n in _class_names(type(module)) if "." not in n)
+
+
+def is_normalization(name: str, param: Tensor, module: nn.Module) -> bool:
+    """Whether ``param`` belongs to a normalization layer, torch's or a custom one (``RMSNorm``, ``LayerNorm2d``...).
+
+    Example::
+
+        >>> import torch
+        >>> class MyRMSNorm(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.scale = torch.nn.Parameter(torch.ones(4))
+        >>> norm = MyRMSNorm()
+        >>> is_normalization("norm.scale", norm.scale, norm)
+        True
+    """
+    if isinstance(module, _TORCH_NORMS):
+        return True
+    if _holds_layer_weight(module):
+        return False
+    return any(_NORM_CLASS.search(n) for n in _class_names(type(module)) if "." not in n)
+
+
+def is_bias(name: str, param: Tensor, module: nn.Module) -> bool:
+    """Whether ``param`` is an additive bias (``bias``, ``bias_k``, ``attn_bias``, ``relative_position_bias_table``...).
+
+    Example::
+
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> is_bias("fc.bias", lin.bias, lin), is_bias("fc.weight", lin.weight, lin)
+        (True, False)
+    """
+    return "bias" in _words(_leaf(name))
+
+
+def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
+    """Whether ``param`` is the weight matrix or kernel of a linear map.
+
+    True for the weights of ``nn.Linear`` and subclasses, convolutions of any dimension,
+    ``nn.Bilinear``, recurrent layers and cells, ``nn.MultiheadAttention``'s projection
+    matrices, any module holding a ``weight``/``kernel`` tensor of two or more dimensions
+    (linear layers of other libraries, such as GPT-2's transposed 1-D convolution), and
+    free-standing matrices whose role is a projection: stacked mixture-of-experts weights
+    (three or more dimensions with a leading expert axis) and matrices named as
+    projections, routers or gates. Biases, normalization and embedding parameters,
+    tensors with fewer than two dimensions, and free-standing tokens, position tables and
+    scales are never linear weights.
+
+    Example::
+
+        >>> import torch
+        >>> conv = torch.nn.Conv2d(3, 8, 3)
+        >>> is_linear_weight("stem.weight", conv.weight, conv)
+        True
+        >>> class ViT(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.pos_embed = torch.nn.Parameter(torch.zeros(1, 16, 8))
+        >>> vit = ViT()
+        >>> is_linear_weight("pos_embed", vit.pos_embed, vit)
+        False
+    """
+    if param_ndim(param) < 2:
+        return False
+    if is_bias(name, param, module) or is_normalization(name, param, module) or is_embedding(name, param, module):
+        return False
+    leaf = _leaf(name)
+    words = _words(leaf)
+    if _holds_layer_weight(module):
+        # weight, weight_ih_l0, weight_hh_l0_reverse, weight_hr_l0, in_proj_weight, q_proj_weight, ...
+        return "weight" in words
+    if not words:
+        return False
+    if words[0] in ("weight", "weights", "kernel") or words[-1] in ("weight", "weights", "kernel"):
+        return not any(_NO_DECAY_WORDS.match(w) for w in words if w not in ("weight", "weights"))
+    if any(_NO_DECAY_WORDS.match(w) for w in words):
+        return False
+    if any(_WEIGHT_WORDS.match(w) for w in words):
+        return True
+    # A stack of matrices with a leading expert axis (fused mixture-of-experts weights).
+    shape = getattr(param, "ds_shape", None) or param.shape
+    return param_ndim(param) >= 3 and shape[0] > 1
+
+
+def standard(weight_decay: float = 0.05, *, lr_scale: float = 1.0) -> list[DecayRule]:
+    """Decay exactly the weight matrices and kernels of linear maps; nothing else.
+
+    Returns named rules, evaluated in order, so that the plan explains each decision:
+    ``embedding``, ``normalization`` and ``bias`` (no decay, group ``no_decay``), then
+    ``linear`` (``weight_decay``, group ``decay``). Everything else (free tokens, position
+    tables, layer-scale gammas, temperatures) is claimed by no rule and lands in the
+    default ``no_decay`` group. Put your own rules before these to override them.
+
+    Args:
+        weight_decay: λ for the linear weights.
+        lr_scale: learning-rate multiplier for the decayed group.
+
+    Returns:
+        The rule list.
+
+    Raises:
+        ValueError: if ``weight_decay`` is negative or not finite.
+
+    Example::
+
+        >>> import lightning_wd as lwd
+        >>> [(r.name, r.weight_decay, r.group_name) for r in lwd.presets.standard(0.1)]
+        [('embedding', 0.0, 'no_decay'), ('normalization', 0.0, 'no_decay'), ('bias', 0.0, 'no_decay'), ('linear', 0.1, 'decay')]
+    """
+    return [
+        DecayRule("embedding", 0.0, predicate=is_embedding, group="no_decay", optional=True),
+        DecayRule("normalization", 0.0, predicate=is_normalization, group="no_decay", optional=True),
+        DecayRule("bias", 0.0, predicate=is_bias, group="no_decay", optional=True),
+        DecayRule(
+            "linear", weight_decay, predicate=is_linear_weight, group="decay", lr_scale=lr_scale, optional=True
+        ),
+    ]
+
+
+def gpt(weight_decay: float = 0.1) -> list[DecayRule]:
+    """nanoGPT's heuristic: decay every parameter with two or more dimensions.
+
+    Unlike :func:`standard` this decays embeddings (including a tied output head),
+    position tables and any other matrix.
+
+    Args:
+        weight_decay: λ for parameters with ``ndim >= 2``.
+
+    Returns:
+        The rule list: ``decay`` (``ndim >= 2``) then ``no_decay`` (the rest).
+
+    Example::
+
+        >>> import lightning_wd as lwd
+        >>> [(r.name, r.weight_decay) for r in lwd.presets.gpt(0.1)]
+        [('decay', 0.1), ('no_decay', 0.0)]
+    """
+    return [
+        DecayRule("decay", weight_decay, min_ndim=2, optional=True),
+        DecayRule("no_decay", 0.0, max_ndim=1, optional=True),
+    ]
+
+
+def uniform(weight_decay: float) -> list[DecayRule]:
+    """Decay every parameter alike (what an optimizer's own ``weight_decay`` does).
+
+    Example::
+
+        >>> import lightning_wd as lwd
+        >>> lwd.presets.uniform(0.01)[0].weight_decay
+        0.01
+    """
+    return [DecayRule("all", weight_decay, optional=True)]
+
+
+def none() -> list[DecayRule]:
+    """Decay nothing (every parameter in one ``no_decay`` group).
+
+    Example::
+
+        >>> import lightning_wd as lwd
+        >>> lwd.presets.none()[0].name
+        'no_decay'
+    """
+    return [DecayRule("no_decay", 0.0, optional=True)]

@@ -1,0 +1,351 @@
+"""Declarative decay rules: which parameters get which weight decay.
+
+A :class:`DecayRule` is a frozen, validated description of a set of parameters
+(by owner module class, canonical parameter name, number of dimensions or a
+predicate) and of the weight decay and learning-rate scale they receive. Rules
+are pure data: resolving them over a model is the job of :mod:`lightning_wd.plan`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import importlib
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from torch import Tensor, nn
+
+__all__ = ["DecayRule", "ParamPredicate"]
+
+#: Signature of a rule's ``predicate``: ``(canonical_name, parameter, owner_module) -> bool``.
+ParamPredicate = Callable[[str, Tensor, nn.Module], bool]
+
+#: Longest accepted pattern; longer strings are refused rather than compiled.
+MAX_PATTERN_LENGTH = 256
+
+_GLOB_CHARS = frozenset("*?[")
+_NAME_CHARS = re.compile(r"^[A-Za-z0-9_.\-/+]+$")
+
+ModuleSpec = Union[str, type]
+ParamSpec = Union[str, "re.Pattern[str]"]
+
+
+def _has_glob(pattern: str) -> bool:
+    return any(ch in _GLOB_CHARS for ch in pattern)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile_glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(pattern))
+
+
+def _resolve_class(path: str, argument: str) -> type:
+    """Resolve a dotted import path to a class, never evaluating anything else."""
+    module: Any = None
+    attrs: list[str] = []
+    # Walk from the longest importable prefix: `torch.nn.modules.linear.Linear` and
+    # `pkg.Outer.Inner` both resolve.
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            module = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        attrs = parts[cut:]
+        break
+    if module is None:
+        raise ValueError(
+            f"`{argument}` entry {path!r} looks like an import path, but no prefix of it can be imported."
+            f" Give an importable path such as 'torch.nn.Linear', a class, or a glob on class names such as"
+            f" {path.rsplit('.', 1)[-1] + '*'!r}."
+        )
+    obj: Any = module
+    for attr in attrs:
+        if not hasattr(obj, attr):
+            raise ValueError(
+                f"`{argument}` entry {path!r} does not resolve: {module.__name__!r} has no attribute"
+                f" {'.'.join(attrs)!r}. Check the spelling, or use a glob on the class name such as"
+                f" {attrs[-1] + '*'!r}."
+            )
+        obj = getattr(obj, attr)
+    if not isinstance(obj, type):
+        raise TypeError(
+            f"`{argument}` entry {path!r} resolves to {type(obj).__name__} {obj!r}, not a class."
+            " Import paths may only name module classes."
+        )
+    return obj
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, type, re.Pattern)):
+        return (value,)
+    if isinstance(value, (set, frozenset)):
+        raise TypeError(
+            f"patterns were given as a {type(value).__name__} ({sorted(map(str, value))!r}), whose order is not"
+            " deterministic. Pass a list or a tuple."
+        )
+    if isinstance(value, Sequence):
+        return tuple(value)
+    raise TypeError(f"expected a string, a class or a list of them, got {type(value).__name__} {value!r}")
+
+
+def _check_pattern(pattern: str, argument: str) -> None:
+    if not pattern:
+        raise ValueError(f"`{argument}` contains an empty pattern. Remove it, or use '*' to match everything.")
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ValueError(
+            f"`{argument}` pattern of length {len(pattern)} is longer than the limit of {MAX_PATTERN_LENGTH}"
+            " characters. Shorten it or split it into several patterns."
+        )
+
+
+def _check_ndim(value: Any, argument: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{argument}` must be an int or None, got {type(value).__name__} {value!r}.")
+    if value < 0:
+        raise ValueError(f"`{argument}` must be >= 0, got {value}. Use None for no bound.")
+
+
+def _check_number(value: Any, argument: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{argument}` must be a number, got {type(value).__name__} {value!r}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{argument}` must be finite, got {value}. Use a finite value such as 0.05.")
+    if positive and value <= 0:
+        raise ValueError(f"`{argument}` must be > 0, got {value}. Use 1.0 to keep the optimizer's learning rate.")
+    if not positive and value < 0:
+        raise ValueError(
+            f"`{argument}` must be >= 0, got {value}. A negative decay grows the weights; use 0.0 for no decay."
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class DecayRule:
+    """One declarative rule: the parameters it matches and the decay they receive.
+
+    A rule matches a parameter when *every* matcher it has matches (``modules``,
+    ``params``, ``min_ndim``/``max_ndim``, ``predicate``); within ``modules`` and
+    ``params`` any one entry is enough. A rule without matchers matches every
+    parameter. Rules are resolved in list order by :class:`~lightning_wd.DecayPlan`:
+    a parameter belongs to the first rule that matches any name it is reachable by.
+
+    Args:
+        name: Rule name, shown in the plan and used as the group name unless ``group`` is given.
+        weight_decay: Decay coefficient λ (finite, >= 0).
+        modules: Owner-module matchers: classes (``nn.LayerNorm``), glob patterns on the class
+            name or any base-class name (``"*Norm*"``), exact class names (``"RMSNorm"``), or dotted
+            import paths (``"torch.nn.Embedding"``), resolved on construction. The owner is the module
+            that directly holds the parameter.
+        params: Glob patterns (``"*.bias"``) or compiled regular expressions, matched against the
+            whole canonical parameter name (wrapper prefixes stripped, parametrizations unwrapped).
+        min_ndim: Match only parameters with at least this many dimensions.
+        max_ndim: Match only parameters with at most this many dimensions.
+        predicate: ``(name, parameter, owner) -> bool``; a module-level function so that rules pickle.
+        lr_scale: Multiplier applied to the optimizer's learning rate for this rule's group.
+        group: Name of the parameter group; rules sharing a group must agree on ``weight_decay``
+            and ``lr_scale``. Defaults to ``name``.
+        optional: When True, the rule may claim nothing without a warning (presets use this).
+
+    Raises:
+        ValueError: on an empty or malformed name, a negative, NaN or infinite ``weight_decay``,
+            a non-positive ``lr_scale``, an empty or overlong pattern, ``min_ndim > max_ndim``,
+            or an import path that does not resolve.
+        TypeError: on a value of the wrong type (a pattern that is not a string, a set of patterns,
+            a predicate that is not callable, an import path naming something other than a class).
+
+    Example::
+
+        >>> import lightning_wd as lwd
+        >>> rule = lwd.DecayRule("no_decay_norms", 0.0, modules="*Norm*")
+        >>> rule.modules
+        ('*Norm*',)
+        >>> lwd.DecayRule("decay", -0.1)
+        Traceback (most recent call last):
+        ...
+        ValueError: `weight_decay` must be >= 0, got -0.1. A negative decay grows the weights; use 0.0 for no decay.
+    """
+
+    name: str
+    weight_decay: float
+    modules: str | type | Sequence[str | type] | None = field(default=None, kw_only=True)
+    params: str | Sequence[str] | None = field(default=None, kw_only=True)
+    min_ndim: int | None = field(default=None, kw_only=True)
+    max_ndim: int | None = field(default=None, kw_only=True)
+    predicate: Callable[[str, Tensor, nn.Module], bool] | None = field(default=None, kw_only=True)
+    lr_scale: float = field(default=1.0, kw_only=True)
+    group: str | None = field(default=None, kw_only=True)
+    optional: bool = field(default=False, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"`name` must be a string, got {type(self.name).__name__} {self.name!r}.")
+        if not self.name or not _NAME_CHARS.match(self.name):
+            raise ValueError(
+                f"`name` must be a non-empty string of letters, digits and '_.-/+', got {self.name!r}."
+                " It names a parameter group and a logging key; use for example 'no_decay_norms'."
+            )
+        object.__setattr__(self, "weight_decay", _check_number(self.weight_decay, "weight_decay", positive=False))
+        object.__setattr__(self, "lr_scale", _check_number(self.lr_scale, "lr_scale", positive=True))
+        if self.group is not None and (not isinstance(self.group, str) or not _NAME_CHARS.match(self.group)):
+            raise ValueError(
+                f"`group` must be None or a non-empty string of letters, digits and '_.-/+', got {self.group!r}."
+            )
+        if not isinstance(self.optional, bool):
+            raise TypeError(f"`optional` must be a bool, got {type(self.optional).__name__} {self.optional!r}.")
+
+        try:
+            modules = _as_tuple(self.modules)
+        except TypeError as err:
+            raise TypeError(f"`modules`: {err}") from None
+        for entry in modules:
+            if isinstance(entry, type):
+                if not issubclass(entry, nn.Module):
+                    raise TypeError(
+                        f"`modules` entry {entry!r} is not a subclass of torch.nn.Module."
+                        " Give module classes, class-name globs or import paths."
+                    )
+                continue
+            if not isinstance(entry, str):
+                raise TypeError(
+                    f"`modules` entries must be classes or strings, got {type(entry).__name__} {entry!r}."
+                    " Write a glob such as '*Norm*' or an import path such as 'torch.nn.LayerNorm'."
+                )
+            _check_pattern(entry, "modules")
+            if "." in entry and not _has_glob(entry):
+                cls = _resolve_class(entry, "modules")
+                if not issubclass(cls, nn.Module):
+                    raise TypeError(f"`modules` entry {entry!r} resolves to {cls!r}, not a torch.nn.Module subclass.")
+        object.__setattr__(self, "modules", modules or None)
+
+        try:
+            params = _as_tuple(self.params)
+        except TypeError as err:
+            raise TypeError(f"`params`: {err}") from None
+        for entry in params:
+            if isinstance(entry, re.Pattern):
+                _check_pattern(entry.pattern, "params")
+                continue
+            if not isinstance(entry, str):
+                raise TypeError(
+                    f"`params` entries must be glob strings or compiled regular expressions, got"
+                    f" {type(entry).__name__} {entry!r}. Write for example '*.bias'."
+                )
+            _check_pattern(entry, "params")
+        object.__setattr__(self, "params", params or None)
+
+        _check_ndim(self.min_ndim, "min_ndim")
+        _check_ndim(self.max_ndim, "max_ndim")
+        if self.min_ndim is not None and self.max_ndim is not None and self.min_ndim > self.max_ndim:
+            raise ValueError(
+                f"`min_ndim` ({self.min_ndim}) is greater than `max_ndim` ({self.max_ndim}); the rule could never"
+                " match. Swap them or drop one bound."
+            )
+        if self.predicate is not None and not callable(self.predicate):
+            raise TypeError(
+                f"`predicate` must be callable as predicate(name, param, module) -> bool, got"
+                f" {type(self.predicate).__name__} {self.predicate!r}."
+            )
+
+    @property
+    def group_name(self) -> str:
+        """The parameter group this rule's parameters go to."""
+        return self.group if self.group is not None else self.name
+
+    @functools.cached_property
+    def _module_matchers(self) -> tuple[tuple[type, ...], tuple[re.Pattern[str], ...]]:
+        classes: list[type] = []
+        globs: list[re.Pattern[str]] = []
+        for entry in self.modules or ():
+            if isinstance(entry, type):
+                classes.append(entry)
+            elif "." in entry and not _has_glob(entry):
+                classes.append(_resolve_class(entry, "modules"))
+            else:
+                globs.append(_compile_glob(entry))
+        return tuple(classes), tuple(globs)
+
+    @functools.cached_property
+    def _param_matchers(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(p if isinstance(p, re.Pattern) else _compile_glob(p) for p in self.params or ())
+
+    def matches_module(self, module: nn.Module) -> bool:
+        """Whether ``module``'s class matches the ``modules`` matchers (True when there are none)."""
+        if self.modules is None:
+            return True
+        classes, globs = self._module_matchers
+        if classes and isinstance(module, classes):
+            return True
+        if globs:
+            for name in _class_names(type(module)):
+                if any(g.match(name) for g in globs):
+                    return True
+        return False
+
+    def matches_name(self, name: str) -> bool:
+        """Whether the canonical parameter ``name`` matches the ``params`` patterns (True when there are none)."""
+        if self.params is None:
+            return True
+        return any(p.fullmatch(name) for p in self._param_matchers)
+
+    def matches(self, name: str, param: Tensor, module: nn.Module) -> bool:
+        """Whether this rule matches ``param``, reachable as ``name`` and held directly by ``module``.
+
+        Example::
+
+            >>> import torch
+            >>> lin = torch.nn.Linear(2, 2)
+            >>> rule = DecayRule("decay", 0.1, modules=torch.nn.Linear, min_ndim=2)
+            >>> rule.matches("fc.weight", lin.weight, lin), rule.matches("fc.bias", lin.bias, lin)
+            (True, False)
+        """
+        if self.min_ndim is not None or self.max_ndim is not None:
+            ndim = param_ndim(param)
+            if self.min_ndim is not None and ndim < self.min_ndim:
+                return False
+            if self.max_ndim is not None and ndim > self.max_ndim:
+                return False
+        if not self.matches_name(name) or not self.matches_module(module):
+            return False
+        return self.predicate is None or bool(self.predicate(name, param, module))
+
+    # The cached matchers are derived state: keep them out of pickles and comparisons.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _class_names(cls: type) -> tuple[str, ...]:
+    """Names a class answers to: its own and every base class's name and qualified import path."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if klass is object:
+            continue
+        names.append(klass.__name__)
+        names.append(f"{klass.__module__}.{klass.__qualname__}")
+    return tuple(names)
+
+
+def param_ndim(param: Tensor) -> int:
+    """Number of dimensions of a parameter as the model sees it.
+
+    DeepSpeed ZeRO-3 partitions parameters into empty tensors and records the real shape
+    in ``ds_shape``; that shape is used when present.
+    """
+    ds_shape = getattr(param, "ds_shape", None)
+    if ds_shape is not None:
+        return len(ds_shape)
+    return param.dim()
