@@ -7,7 +7,8 @@ a ``LightningModule`` mixin that turns the plan into ``configure_optimizers``
 L1 or cautious decay after every real optimizer step (:class:`WeightDecayCallback`).
 """
 
-from lightning_wd import presets
+from lightning_wd import functional, presets, schedules
+from lightning_wd.callback import WeightDecayCallback
 from lightning_wd.mixin import WDMixin
 from lightning_wd.plan import DecayPlan, PlanError, build_param_groups
 from lightning_wd.rules import DecayRule
@@ -19,7 +20,10 @@ __all__ = [
     "DecayRule",
     "PlanError",
     "WDMixin",
+    "WeightDecayCallback",
     "__version__",
     "build_param_groups",
+    "functional",
     "presets",
+    "schedules",
 ]

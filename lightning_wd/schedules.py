@@ -1,0 +1,121 @@
+"""Weight-decay schedules: a multiplier of each group's λ as a function of the optimizer step.
+
+A schedule is any callable ``(step: int) -> float`` (``step`` counts the optimizer's real
+steps from 0); the classes here are frozen, validated and usable from a LightningCLI
+config. The multiplier is computed on the host once per step (a Python number, no device
+work). ``total_steps=None`` is filled in by :class:`~lightning_wd.WeightDecayCallback` from
+``trainer.estimated_stepping_batches`` at fit start.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["Constant", "Cosine", "LinearWarmup", "Schedule"]
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """Anything callable as ``schedule(step) -> multiplier``."""
+
+    def __call__(self, step: int) -> float: ...
+
+
+def _check(value: Any, argument: str, *, minimum: float = 0.0, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an int" if integer else "a number"
+        raise TypeError(f"`{argument}` must be {kind}, got {type(value).__name__} {value!r}.")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"`{argument}` must be finite and >= {minimum}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A constant multiplier (1.0 keeps each group's λ as it is).
+
+    Example::
+
+        >>> Constant(0.5)(1000)
+        0.5
+    """
+
+    value: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.value, "value")
+
+    def __call__(self, step: int) -> float:
+        return float(self.value)
+
+
+@dataclass(frozen=True)
+class LinearWarmup:
+    """Rise linearly from ``start`` to 1.0 over ``warmup_steps`` steps, then stay at 1.0.
+
+    Args:
+        warmup_steps: Length of the warm-up in optimizer steps (>= 1).
+        start: Multiplier at step 0.
+
+    Example::
+
+        >>> s = LinearWarmup(warmup_steps=4)
+        >>> [s(i) for i in range(6)]
+        [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    """
+
+    warmup_steps: int
+    start: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_steps, "warmup_steps", minimum=1, integer=True)
+        _check(self.start, "start")
+
+    def __call__(self, step: int) -> float:
+        if step >= self.warmup_steps:
+            return 1.0
+        return self.start + (1.0 - self.start) * step / self.warmup_steps
+
+
+@dataclass(frozen=True)
+class Cosine:
+    """Cosine from ``start`` to ``end`` over ``total_steps`` steps, then ``end`` (as DINO does).
+
+    DINO raises the weight decay from 0.04 to 0.4: with a rule λ of 0.04 that is
+    ``Cosine(start=1.0, end=10.0)``.
+
+    Args:
+        start: Multiplier at step 0.
+        end: Multiplier at ``total_steps`` and after.
+        total_steps: Length in optimizer steps; None lets the callback use the trainer's estimate.
+
+    Example::
+
+        >>> s = Cosine(start=1.0, end=10.0, total_steps=100)
+        >>> round(s(0), 3), round(s(50), 3), round(s(100), 3), round(s(500), 3)
+        (1.0, 5.5, 10.0, 10.0)
+    """
+
+    start: float = 1.0
+    end: float = 0.0
+    total_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.start, "start")
+        _check(self.end, "end")
+        if self.total_steps is not None:
+            _check(self.total_steps, "total_steps", minimum=1, integer=True)
+
+    def with_total_steps(self, total_steps: int) -> Cosine:
+        """A copy whose ``total_steps`` is set (when it was None)."""
+        return self if self.total_steps is not None else replace(self, total_steps=max(int(total_steps), 1))
+
+    def __call__(self, step: int) -> float:
+        if self.total_steps is None:
+            raise ValueError(
+                "`Cosine.total_steps` is None. Give it, or let WeightDecayCallback fill it from the trainer."
+            )
+        t = min(step, self.total_steps) / self.total_steps
+        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * t))
