@@ -362,7 +362,7 @@ class WeightDecayCallback(Callback):
                         " weight_decay=0.0 for that group (or on the optimizer), or build the optimizer with"
                         " `lwd.WDMixin`, whose groups are handed over to the callback automatically."
                     )
-            several = len(by_rule) > 1 or len(groups) > 1 or "name" in group
+            several = len(groups) > 1 or "name" in group
             for (rule_group, wd), ps in by_rule.items():
                 name = f"{label}/{rule_group}" if several and label != rule_group else rule_group
                 buckets.append(_make_bucket(name, group, wd, ps))

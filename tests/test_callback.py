@@ -1,0 +1,328 @@
+"""WeightDecayCallback through real ``Trainer.fit`` runs, checked step by step against a reference."""
+
+from __future__ import annotations
+
+import csv
+import math
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+import lightning_wd as lwd
+from lightning_wd import schedules
+from tests.callback_helpers import (
+    DECAYED,
+    LR,
+    WD,
+    PlainNet,
+    StepRecorder,
+    TwoOptNet,
+    WDNet,
+    decaying_lr,
+    loader,
+)
+
+WDS = dict.fromkeys(DECAYED, WD)
+
+
+def trainer(tmp_path: Path, callbacks: list, **kw) -> L.Trainer:
+    options = dict(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        default_root_dir=tmp_path,
+    )
+    options.update(kw)
+    return L.Trainer(callbacks=callbacks, **options)
+
+
+step_scheduler = {"scheduler": partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=decaying_lr), "interval": "step"}
+
+
+MODES = [
+    pytest.param(dict(mode="decoupled"), id="decoupled"),
+    pytest.param(dict(mode="lr_ratio"), id="lr_ratio"),
+    pytest.param(dict(mode="independent"), id="independent"),
+    pytest.param(dict(mode="relative"), id="relative-params-mean_abs"),
+    pytest.param(dict(mode="relative", source="grad", metric="rms"), id="relative-grad-rms"),
+    pytest.param(dict(mode="relative", source="update", metric="mean_abs"), id="relative-update"),
+    pytest.param(dict(mode="decoupled", ord=1), id="decoupled-L1"),
+    pytest.param(dict(mode="independent", ord=1), id="independent-L1"),
+    pytest.param(dict(mode="decoupled", cautious=True), id="decoupled-cautious"),
+    pytest.param(dict(mode="relative", source="update", cautious=True, ord=1), id="relative-cautious-L1"),
+]
+
+
+@pytest.mark.parametrize("config", MODES)
+def test_every_mode_matches_reference_with_lr_schedule(tmp_path, config):
+    """Each mode, ord and flag, with a per-step lr schedule, 5 steps checked against the formula."""
+    model = WDNet(scheduler=step_scheduler)
+    recorder = StepRecorder(WDS, **{"mode": "decoupled", **config})
+    t = trainer(tmp_path, [lwd.WeightDecayCallback(**config), recorder])
+    t.fit(model, loader())
+    assert recorder.checked == 5
+
+
+def test_accumulation_over_odd_batches_decays_once_per_real_step(tmp_path):
+    """accumulate 2 over 5 batches: steps after batches 2, 4 and 5; micro-batches leave parameters alone."""
+    recorder = StepRecorder(WDS, mode="decoupled")
+    t = trainer(tmp_path, [lwd.WeightDecayCallback(), recorder], accumulate_grad_batches=2)
+    t.fit(WDNet(scheduler=step_scheduler), loader())
+    assert recorder.checked == 3
+
+
+def test_gradient_clipping_uses_clipped_update(tmp_path):
+    recorder = StepRecorder(WDS, mode="relative", source="update")
+    cb = lwd.WeightDecayCallback(mode="relative", source="update")
+    t = trainer(tmp_path, [cb, recorder], gradient_clip_val=0.01)
+    t.fit(WDNet(), loader())
+    assert recorder.checked == 5
+
+
+def test_schedule_multiplies_decay(tmp_path):
+    schedule = schedules.Cosine(start=1.0, end=0.0, total_steps=5)
+    recorder = StepRecorder(WDS, mode="decoupled", schedule=lambda s: 0.5 * (1 + math.cos(math.pi * min(s, 5) / 5)))
+    t = trainer(tmp_path, [lwd.WeightDecayCallback(schedule=schedule), recorder])
+    t.fit(WDNet(), loader())
+    assert recorder.checked == 5
+
+
+def test_cosine_total_steps_from_trainer(tmp_path):
+    recorder = StepRecorder(WDS, mode="decoupled", schedule=lambda s: 1.0 + 1.0 * 0.5 * (1 + math.cos(math.pi * s / 7)))
+    cb = lwd.WeightDecayCallback(schedule=schedules.Cosine(start=2.0, end=1.0))
+    t = trainer(tmp_path, [cb, recorder], max_steps=7, max_epochs=None)
+    t.fit(WDNet(), loader())
+    assert recorder.checked == 7
+    assert cb.state_dict()["total_steps"] == 7
+
+
+def test_two_optimizers_manual_optimization(tmp_path, ):
+    """Each optimizer decays on its own steps; b steps every other batch with its own lr."""
+    rules = lwd.presets.standard(WD)
+    recorder = StepRecorder({"net.fc1.weight": WD, "net.fc2.weight": WD}, mode="decoupled")
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = lwd.WeightDecayCallback(rules=rules)
+    t = trainer(tmp_path, [cb, recorder], logger=logger, log_every_n_steps=1)
+    t.fit(TwoOptNet(), loader())
+    assert recorder.checked == 5 + 3
+    assert [s.steps for s in cb._states] == [5, 3]
+    header = _rows(logger)[0].keys()
+    assert "wd/SGD/decay/param_norm" in header and "wd/SGD-1/decay/param_norm" in header
+
+
+def test_plain_optimizer_needs_rules(tmp_path):
+    with pytest.raises(MisconfigurationException, match="rules="):
+        trainer(tmp_path, [lwd.WeightDecayCallback()]).fit(PlainNet(), loader())
+
+
+def test_plain_optimizer_with_rules(tmp_path):
+    recorder = StepRecorder({"net.fc1.weight": WD, "net.fc2.weight": WD}, mode="decoupled")
+    t = trainer(tmp_path, [lwd.WeightDecayCallback(rules=lwd.presets.standard(WD)), recorder])
+    t.fit(PlainNet(), loader())
+    assert recorder.checked == 5
+
+
+def test_double_decay_is_refused_and_nothing_changes(tmp_path):
+    model = PlainNet(weight_decay=0.01)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(MisconfigurationException, match="decayed twice"):
+        trainer(tmp_path, [lwd.WeightDecayCallback(rules=lwd.presets.standard(WD))]).fit(model, loader())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_mixin_groups_are_handed_over(tmp_path):
+    """AdamW's own decay moves to the callback: the optimizer's weight_decay ends at 0, ours holds λ."""
+    model = WDNet(optimizer=partial(torch.optim.AdamW, lr=1e-3))
+    t = trainer(tmp_path, [lwd.WeightDecayCallback()], max_steps=1)
+    t.fit(model, loader())
+    groups = {g["name"]: g for g in t.optimizers[0].param_groups}
+    assert groups["decay"]["weight_decay"] == 0.0
+    assert groups["decay"]["lwd_weight_decay"] == WD
+    assert groups["no_decay"]["lwd_weight_decay"] == 0.0
+
+
+def test_parameters_without_grad_are_not_decayed(tmp_path):
+    class Partial(WDNet):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            h = self.net.fc1(x)  # fc2 and norm get no gradient
+            return torch.nn.functional.mse_loss(h[:, :2], y)
+
+    model = Partial()
+    w2 = model.net.fc2.weight.detach().clone()
+    recorder = StepRecorder(WDS, mode="decoupled")
+    trainer(tmp_path, [lwd.WeightDecayCallback(), recorder]).fit(model, loader())
+    assert torch.equal(model.net.fc2.weight, w2)
+    assert recorder.checked == 5
+
+
+# ---------------------------------------------------------------- mixed precision
+def _amp_plugin():
+    return MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**4))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["sgd-skipped-by-scaler", "fused-adamw-found-inf"])
+def test_16_mixed_overflow_step_gets_no_decay(tmp_path, fused):
+    nan_at = (2,)
+    if fused:
+        model = WDNet(optimizer=partial(torch.optim.AdamW, lr=1e-2, fused=True), nan_at=nan_at)
+        seen = {}
+
+        class Watch(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                seen[batch_idx] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if batch_idx == nan_at[0]:
+                    for n, p in pl_module.named_parameters():
+                        assert torch.equal(p, seen[batch_idx][n]), n
+                else:
+                    assert not torch.equal(pl_module.net.fc1.weight, seen[batch_idx]["net.fc1.weight"])
+
+        callbacks = [lwd.WeightDecayCallback(mode="independent"), Watch()]
+    else:
+        model = WDNet(nan_at=nan_at)
+        callbacks = [lwd.WeightDecayCallback(), StepRecorder(WDS, mode="decoupled", skipped=nan_at)]
+    t = trainer(tmp_path, callbacks, plugins=[_amp_plugin()])
+    t.fit(model, loader())
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_bf16_mixed_matches_reference(tmp_path):
+    recorder = StepRecorder(WDS, mode="decoupled")
+    t = trainer(tmp_path, [lwd.WeightDecayCallback(), recorder], precision="bf16-mixed")
+    t.fit(WDNet(), loader())
+    assert recorder.checked == 5
+
+
+def test_low_precision_parameters_warn_when_decay_rounds_away(tmp_path):
+    model = WDNet(optimizer=partial(torch.optim.SGD, lr=1e-4))
+    with pytest.warns(UserWarning, match="rounds to nothing"):
+        trainer(tmp_path, [lwd.WeightDecayCallback()], precision="bf16-true", max_steps=1).fit(model, loader())
+
+
+# ---------------------------------------------------------------- logging
+def _rows(logger: CSVLogger) -> list[dict[str, str]]:
+    path = Path(logger.log_dir) / "metrics.csv"
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+class _ParamTrace(L.Callback):
+    def __init__(self):
+        self.norms = {}
+        self.lrs = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step the callback logs under
+        ps = [pl_module.net.fc1.weight, pl_module.net.fc2.weight]
+        self.norms[step] = math.sqrt(sum(float((p.double() ** 2).sum()) for p in ps))
+        self.lrs[step] = trainer.optimizers[0].param_groups[1]["lr"]
+
+
+def test_logged_metrics_in_csv_match_independent_computation(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    trace = _ParamTrace()
+    cb = lwd.WeightDecayCallback(log_grad_norm=True)
+    t = trainer(tmp_path, [cb, trace], logger=logger, log_every_n_steps=2)
+    t.fit(WDNet(scheduler=step_scheduler), loader())
+    rows = [r for r in _rows(logger) if r.get("wd/decay/param_norm")]
+    assert [int(r["step"]) for r in rows] == [1, 3]
+    for r in rows:
+        step = int(r["step"])
+        assert float(r["wd/decay/param_norm"]) == pytest.approx(trace.norms[step], rel=1e-5)
+        assert float(r["wd/decay/weight_decay"]) == pytest.approx(WD)
+        lr = LR * decaying_lr(step)  # lr used by that step
+        assert float(r["wd/decay/timescale"]) == pytest.approx(1 / (lr * WD), rel=1e-6)
+        assert float(r["wd/no_decay/weight_decay"]) == 0.0
+        assert float(r["wd/decay/grad_norm"]) > 0
+        assert "wd/no_decay/timescale" not in r or r["wd/no_decay/timescale"] == ""
+
+
+def test_norms_are_computed_only_on_logged_steps(tmp_path, monkeypatch):
+    calls = []
+    original = lwd.functional.global_norm
+
+    def counting(tensors, ord=2.0):
+        calls.append(len(tensors))
+        return original(tensors, ord)
+
+    monkeypatch.setattr(lwd.functional, "global_norm", counting)
+    logger = CSVLogger(tmp_path, name="csv")
+    t = trainer(tmp_path, [lwd.WeightDecayCallback()], logger=logger, log_every_n_steps=3, max_steps=7, max_epochs=None)
+    t.fit(WDNet(), loader())
+    # logged steps: batches_that_stepped + 1 in {3, 6} -> 2 logged steps x 2 groups
+    assert len(calls) == 4
+
+
+def test_no_norms_without_a_logger(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(lwd.functional, "global_norm", lambda *a, **k: calls.append(1))
+    trainer(tmp_path, [lwd.WeightDecayCallback()], log_every_n_steps=1).fit(WDNet(), loader())
+    assert calls == []
+
+
+def test_tensorboard_logger(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer(tmp_path, [lwd.WeightDecayCallback()], logger=logger, log_every_n_steps=1).fit(WDNet(), loader())
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    assert "wd/decay/param_norm" in acc.Tags()["scalars"]
+    assert len(acc.Scalars("wd/decay/param_norm")) == 5
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+def _fit_and_params(tmp_path: Path, max_epochs: int, ckpt: str | None, cb_kwargs: dict, save: str | None = None):
+    torch.manual_seed(0)
+    model = WDNet(
+        optimizer=partial(torch.optim.AdamW, lr=1e-2),
+        scheduler=step_scheduler,
+    )
+    cb = lwd.WeightDecayCallback(**cb_kwargs)
+    t = trainer(tmp_path, [cb], max_epochs=max_epochs)
+    t.fit(model, loader(), ckpt_path=ckpt)
+    if save:
+        t.save_checkpoint(save)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, cb
+
+
+@pytest.mark.parametrize(
+    "cb_kwargs",
+    [
+        dict(mode="lr_ratio", schedule=schedules.Cosine(start=1.0, end=0.2, total_steps=10)),
+        dict(mode="relative", source="update", cautious=True),
+    ],
+    ids=["lr_ratio-cosine", "relative-update-cautious"],
+)
+def test_resume_is_bitwise_identical(tmp_path, cb_kwargs):
+    straight, _ = _fit_and_params(tmp_path / "a", 2, None, cb_kwargs)
+    ckpt = str(tmp_path / "half.ckpt")
+    _fit_and_params(tmp_path / "b", 1, None, cb_kwargs, save=ckpt)
+    checkpoint = torch.load(ckpt, weights_only=True)  # plain data only
+    state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("WeightDecayCallback"))
+    assert state["steps"] == [5]
+    resumed, cb = _fit_and_params(tmp_path / "c", 2, ckpt, cb_kwargs)
+    for n in straight:
+        assert torch.equal(straight[n], resumed[n]), n
+    assert cb._states[0].steps == 10
+
+
+def test_two_instances_keep_separate_state(tmp_path):
+    a = lwd.WeightDecayCallback(mode="decoupled", rules=lwd.presets.standard(0.1))
+    b = lwd.WeightDecayCallback(mode="independent", rules=lwd.presets.standard(0.0))
+    assert a.state_key != b.state_key
