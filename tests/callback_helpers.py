@@ -258,3 +258,22 @@ class StepRecorder(Callback):
             torch.testing.assert_close(current[n], expected[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
         self.pending = []
         self.last = current
+
+
+class InterleavedData(L.LightningDataModule):
+    """Each rank takes every ``world_size``-th sample in order, so global batch k of a DDP run is
+    exactly batch k of a single-process run with ``world_size`` times the batch size."""
+
+    def __init__(self, n: int = 40, batch_size: int = 4) -> None:
+        super().__init__()
+        self.n = n
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        from torch.utils.data.distributed import DistributedSampler
+
+        data = make_data(self.n)
+        sampler = DistributedSampler(
+            data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+        )
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
