@@ -240,6 +240,7 @@ class WeightDecayCallback(Callback):
         self._loaded_total_steps: int | None = None
         self._total_steps: int | None = None
         self._rule_plan: dict[int, tuple[str, float]] | None = None
+        self._warned_no_snapshot = False
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -468,7 +469,9 @@ class WeightDecayCallback(Callback):
             if pairs:
                 if logging:
                     self._update_metrics(bucket, pairs, metrics)
-                if wd > 0:
+                if wd > 0 and befores is None and self._needs_snapshot(False):
+                    self._warn_no_snapshot(bucket)
+                elif wd > 0:
                     step = self._step_size(bucket, wd, pairs)
                     if found_inf is not None:
                         step = step * (1.0 - found_inf.to(dtype=torch.float32))
@@ -483,6 +486,16 @@ class WeightDecayCallback(Callback):
         state.steps += 1
         if logging and metrics:
             self._log(state, metrics)
+
+    def _warn_no_snapshot(self, bucket: _Bucket) -> None:
+        if not self._warned_no_snapshot:
+            self._warned_no_snapshot = True
+            rank_zero_warn(
+                f"WeightDecayCallback skipped the decay of group {bucket.name!r} for a step: cautious=True and"
+                " source='update' need the parameters from just before the step, which Lightning's"
+                " `on_before_optimizer_step` provides, but this optimizer was stepped without it (a raw"
+                " `optimizer.step()` outside Lightning). Step it through `self.optimizers()` in manual optimization."
+            )
 
     def _step_size(self, bucket: _Bucket, wd: float, pairs: list[tuple[list[Tensor], list[Tensor]]]) -> Tensor | float:
         lr = bucket.group["lr"]
