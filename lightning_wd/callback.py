@@ -367,6 +367,15 @@ class WeightDecayCallback(Callback):
             for (rule_group, wd), ps in by_rule.items():
                 name = f"{label}/{rule_group}" if several and label != rule_group else rule_group
                 buckets.append(_make_bucket(name, group, wd, ps))
+        if self.mode == "lr_ratio":
+            for b in buckets:
+                initial = b.group.get("initial_lr", b.group.get(INITIAL_LR_KEY, b.group["lr"]))
+                if b.weight_decay > 0 and not initial:
+                    raise MisconfigurationException(
+                        f"mode='lr_ratio' divides by the group's initial lr, but group {b.name!r} starts at lr=0."
+                        " Start the group at its peak lr and warm up with a scheduler (which records"
+                        " `initial_lr`), or use mode='decoupled'."
+                    )
         return buckets, handover
 
     def _install(
@@ -443,7 +452,8 @@ class WeightDecayCallback(Callback):
         trainer = self._trainer
         if trainer is None or not (self.log_norms or self.log_grad_norm or self.log_update_norm):
             return False
-        return bool(trainer.loggers) and trainer._logger_connector.should_update_logs
+        # Parameters are replicated on every rank and loggers write on rank zero only: measure there only.
+        return bool(trainer.loggers) and trainer.is_global_zero and trainer._logger_connector.should_update_logs
 
     @torch.no_grad()
     def _after_step(self, state: _OptimizerState, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -505,7 +515,7 @@ class WeightDecayCallback(Callback):
             return wd
         if self.mode == "lr_ratio":
             initial = bucket.group.get("initial_lr", bucket.group.get(INITIAL_LR_KEY, lr))
-            return wd * lr / initial if initial else 0.0
+            return wd * lr / initial
         # relative: m measured over the whole bucket, on the tensors that have a gradient.
         if self.source == "grad":
             tensors = [cast(Tensor, p.grad) for params, _ in pairs for p in params]
