@@ -73,7 +73,7 @@ def _choice(value: Any, argument: str, choices: Any) -> None:
 
 def _flag(value: Any, argument: str) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"`{argument}` must be True or False, got {type(value).__name__} {value!r}.")
+        raise TypeError(f"`{argument}` must be True or False, got {type(value).__name__} {value!r}. Pass a bool.")
 
 
 @dataclass
@@ -196,7 +196,10 @@ class WeightDecayCallback(Callback):
     ) -> None:
         _choice(mode, "mode", Mode)
         if isinstance(ord, bool) or ord not in (1, 2):
-            raise ValueError(f"`ord` must be 1 (L1 soft threshold) or 2 (multiplicative decay), got {ord!r}.")
+            raise ValueError(
+                f"`ord` must be 1 (L1 soft threshold) or 2 (multiplicative decay), got {ord!r}; use any of the"
+                " following: 1, 2."
+            )
         if mode != "relative" and (source is not None or metric is not None):
             raise ValueError(
                 f"`source` and `metric` only apply to mode='relative', got mode={mode!r} with source={source!r},"
@@ -267,7 +270,7 @@ class WeightDecayCallback(Callback):
         name = type(trainer.strategy).__name__
         for refused, why in _REFUSED_STRATEGIES.items():
             if any(klass.__name__ == refused for klass in type(trainer.strategy).__mro__):
-                raise MisconfigurationException(f"WeightDecayCallback does not support {name}: {why}")
+                raise MisconfigurationException(f"WeightDecayCallback does not support `strategy`={name}: {why}")
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -276,13 +279,16 @@ class WeightDecayCallback(Callback):
         self._rule_plan = None
         if isinstance(self.schedule, Cosine) and self.schedule.total_steps is None:
             total = self._loaded_total_steps or trainer.estimated_stepping_batches
-            if not isinstance(total, int) and not (isinstance(total, float) and math.isfinite(total)):
+            # (an iterable of unknown length without max_steps is estimated as max_steps, -1)
+            if isinstance(total, bool) or not isinstance(total, (int, float)) or not math.isfinite(total) or total < 1:
                 raise MisconfigurationException(
                     "`schedule` is a Cosine without `total_steps`, and the trainer cannot estimate the number of"
                     " steps (no max_steps, and an iterable of unknown length). Give Cosine(total_steps=...)."
                 )
             self.schedule = self.schedule.with_total_steps(int(total))
             self._total_steps = int(total)
+        if self.schedule is not None:
+            _check_schedule(self.schedule, (self._loaded_steps or [0])[0])
 
         optimizers = list(trainer.optimizers)
         if not optimizers:
@@ -358,7 +364,7 @@ class WeightDecayCallback(Callback):
                     handover.append((group, math.nan))
                 else:
                     raise MisconfigurationException(
-                        f"Optimizer group {label!r} has the optimizer's own weight_decay={own_wd}, and"
+                        f"Optimizer group {label!r} has the optimizer's own `weight_decay`={own_wd}, and"
                         " WeightDecayCallback decays its parameters too, so they would be decayed twice. Set"
                         " weight_decay=0.0 for that group (or on the optimizer), or build the optimizer with"
                         " `lwd.WDMixin`, whose groups are handed over to the callback automatically."
@@ -372,7 +378,7 @@ class WeightDecayCallback(Callback):
                 initial = b.group.get("initial_lr", b.group.get(INITIAL_LR_KEY, b.group["lr"]))
                 if b.weight_decay > 0 and not initial:
                     raise MisconfigurationException(
-                        f"mode='lr_ratio' divides by the group's initial lr, but group {b.name!r} starts at lr=0."
+                        f"`mode`='lr_ratio' divides by the group's initial lr, but group {b.name!r} starts at lr=0."
                         " Start the group at its peak lr and warm up with a scheduler (which records"
                         " `initial_lr`), or use mode='decoupled'."
                     )
@@ -421,21 +427,23 @@ class WeightDecayCallback(Callback):
 
     # ------------------------------------------------------------------ the step path
     def _needs_snapshot(self, logging: bool) -> bool:
-        return self.cautious or (self.mode == "relative" and self.source == "update") or (
-            logging and self.log_update_norm
+        return (
+            self.cautious or (self.mode == "relative" and self.source == "update") or (logging and self.log_update_norm)
         )
 
     @override
+    @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         state = self._state_of(optimizer)
         if state is None:
             return
         self._refresh(state)
-        if not self._needs_snapshot(self._logging_step()):
+        # Whether this step logs matters only for the update norm: don't ask the trainer otherwise.
+        if not self._needs_snapshot(self.log_update_norm and self._logging_step()):
             state.snapshot = None
             return
         state.snapshot = [
-            [list(torch._foreach_mul(chunk, 1.0)) for chunk in b.chunks]
+            [list(torch._foreach_mul(chunk, F._factor(1.0, chunk))) for chunk in b.chunks]
             if b.weight_decay > 0 or self.log_update_norm
             else []
             for b in state.buckets
@@ -473,6 +481,7 @@ class WeightDecayCallback(Callback):
                     params, before = _with_grad(chunk)[0], []
                 else:
                     params, before = _with_grad(chunk, befores[c])
+                    befores[c] = before  # drop the copies of tensors without a gradient; the decay frees the rest
                 if params:
                     pairs.append((params, before))
             step: Tensor | float | None = None
@@ -489,6 +498,7 @@ class WeightDecayCallback(Callback):
                         _warn_if_rounds_away(bucket, [p[0].dtype for p, _ in pairs], step)
                     for params, before in pairs:
                         mask = F.cautious_mask(params, before) if self.cautious else None
+                        before.clear()  # last use of this chunk's copy: free it before the decay allocates
                         F.apply_decay_(params, step, ord=self.ord, mask=mask)
                 bucket.checked_precision = True
             if logging:
@@ -524,7 +534,12 @@ class WeightDecayCallback(Callback):
         else:
             if not pairs[0][1]:
                 raise RuntimeError("mode='relative', source='update' needs the parameters from before the step.")
-            tensors = [d for params, before in pairs for d in torch._foreach_sub(params, before)]
+            if self.cautious:  # the mask still needs the copies
+                tensors = [d for params, before in pairs for d in torch._foreach_sub(params, before)]
+            else:  # no second copy: before - after in place (m() does not depend on the sign)
+                for params, before in pairs:
+                    torch._foreach_sub_(before, params)
+                tensors = [d for _, before in pairs for d in before]
         measure = F.mean_abs(tensors) if self.metric == "mean_abs" else F.rms(tensors)
         return measure * (lr * wd)
 
@@ -596,6 +611,21 @@ def _warn_if_rounds_away(bucket: _Bucket, dtypes: list[torch.dtype], step: float
         )
 
 
+def _check_schedule(schedule: Callable[[int], float], step: int) -> None:
+    """Refuse, at fit start, a schedule whose first multiplier is not a finite number >= 0."""
+    value = schedule(step)
+    try:
+        multiplier = float(value)
+    except (TypeError, ValueError):
+        multiplier = math.nan
+    if isinstance(value, bool) or not math.isfinite(multiplier) or multiplier < 0:
+        raise MisconfigurationException(
+            f"`schedule` must return a finite multiplier >= 0, but schedule({step}) returned"
+            f" {type(value).__name__} {value!r}. Fix the schedule, or use one of lwd.schedules"
+            " (Constant, LinearWarmup, Cosine)."
+        )
+
+
 def _optimizer_prefixes(optimizers: Sequence[Optimizer]) -> list[str]:
     """'' for a single optimizer, else '<ClassName>/' with '-k' suffixes for repeated classes (as LearningRateMonitor)."""
     if len(optimizers) == 1:
@@ -615,6 +645,5 @@ def _check_unique_names(names: Sequence[str]) -> None:
     if dupes:
         raise MisconfigurationException(
             f"Several optimizer parameter groups are named {dupes}; WeightDecayCallback logs per group and needs"
-            " unique names. Give each group a unique 'name'."
+            " unique names. Give each group a unique `name`."
         )
-

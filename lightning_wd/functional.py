@@ -13,6 +13,8 @@ host synchronisation. All in-place functions end in ``_`` and run under ``no_gra
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Literal, Union
 
 import torch
@@ -48,6 +50,44 @@ def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
 
 def _on(step: Step, device: torch.device) -> Step:
     return step.to(device, non_blocking=True) if isinstance(step, Tensor) else step
+
+
+_dtype_of = attrgetter("dtype")
+#: Dtypes for which a 0-dim factor of the same dtype multiplies exactly as a Python number does.
+_EXACT_FACTOR_DTYPES = (torch.float32, torch.float64)
+
+
+def _factor(value: float, tensors: list[Tensor]) -> Step:
+    """``value`` as a 0-dim tensor where that multiplies ``tensors`` faster, else ``value`` itself.
+
+    On CPU, ``torch._foreach_mul*`` with a Python number wraps it into a new tensor for every
+    tensor of the list, which dominates the cost for many small tensors; a 0-dim tensor of the
+    list's own dtype is passed as it is, and gives bit-identical products for float32 and float64
+    (the number is rounded to that dtype either way). Elsewhere (other devices or dtypes, plain
+    tensor subclasses excepted) the number is kept.
+    """
+    first = tensors[0]
+    dtype = first.dtype
+    if (
+        first.is_cpu
+        and dtype in _EXACT_FACTOR_DTYPES
+        and type(first) in (Tensor, torch.nn.Parameter)
+        and all(map(is_, map(_dtype_of, tensors), repeat(dtype)))
+    ):
+        return torch.scalar_tensor(value, dtype=dtype)
+    return value
+
+
+def _add_(tensors: list[Tensor], value: float) -> None:
+    """``t += value`` for every tensor; fast on CPU as :func:`_factor` explains.
+
+    The ``List`` overload is the one that takes a 0-dim tensor as it is (``Tensor`` would not).
+    """
+    addend = _factor(value, tensors)
+    if isinstance(addend, Tensor):
+        torch._foreach_add_(tensors, [addend] * len(tensors))
+    else:
+        torch._foreach_add_(tensors, addend)
 
 
 @torch.no_grad()
@@ -100,21 +140,21 @@ def apply_decay_(
             if isinstance(step, Tensor):
                 torch._foreach_mul_(tensors, 1 - step)
             else:
-                torch._foreach_mul_(tensors, 1.0 - step)
+                torch._foreach_mul_(tensors, _factor(1.0 - step, tensors))
             return
-        # p <- p * (1 - step * m)
-        factor = torch._foreach_mul(list(mask), step)
-        torch._foreach_neg_(factor)
-        torch._foreach_add_(factor, 1.0)
+        # p <- p * (1 - step * m), as 1 + m * (-step): the same bits as -(m * step) + 1, one pass fewer
+        mask = list(mask)
+        factor = list(torch._foreach_mul(mask, -step if isinstance(step, Tensor) else _factor(-step, mask)))
+        _add_(factor, 1.0)
         torch._foreach_mul_(tensors, factor)
         return
 
     # L1: shrunk = max(|p| - step, 0), then p <- sign(p) * shrunk (or only where the mask is 1).
-    shrunk = torch._foreach_abs(tensors)
+    shrunk = list(torch._foreach_abs(tensors))
     if isinstance(step, Tensor):
         torch._foreach_add_(shrunk, step, alpha=-1)
     else:
-        torch._foreach_add_(shrunk, -step)
+        _add_(shrunk, -step)
     torch._foreach_clamp_min_(shrunk, 0.0)
     if mask is None:
         torch._foreach_sign_(tensors)
@@ -160,11 +200,12 @@ def cautious_mask(after: Sequence[Tensor], before: Sequence[Tensor]) -> list[Ten
 def _norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
     """Per-tensor norms of ``tensors`` (any devices and dtypes), as float32 on the first tensor's device."""
     device = tensors[0].device
-    parts = []
-    for group in group_by_device_and_dtype(tensors):
-        norms = torch._foreach_norm(group, ord, dtype=torch.float32)
-        parts.extend(n.to(device, non_blocking=True) for n in norms)
-    return torch.stack(parts)
+    # One stack and one copy per device/dtype group, not one copy per tensor.
+    parts = [
+        torch.stack(torch._foreach_norm(group, ord, dtype=torch.float32)).to(device, non_blocking=True)
+        for group in group_by_device_and_dtype(tensors)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @torch.no_grad()

@@ -5,14 +5,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
-from lightning_wd.plan import DecayPlan
+from lightning_wd.plan import DecayPlan, PlanError, _check_plan_options, _check_rules
 from lightning_wd.rules import DecayRule
 
 __all__ = ["WDMixin"]
@@ -41,14 +41,17 @@ class WDMixin:
     Put it before ``LightningModule`` in the bases. It reads, from the instance or the class:
 
     * ``decay_rules``: a list of :class:`~lightning_wd.DecayRule` in priority order
-      (default :func:`lightning_wd.presets.standard`).
+      (default :func:`lightning_wd.presets.standard`). A class attribute, or the
+      ``decay_rules`` init argument, which overrides it (so LightningCLI can set the rules from
+      a config file: declare ``decay_rules: list[DecayRule] | None = None`` in your ``__init__``
+      and pass it on with ``super().__init__(decay_rules=decay_rules)``).
     * ``optimizer``: a callable taking parameter groups and returning an optimizer
       (LightningCLI's ``OptimizerCallable``); default ``AdamW(lr=1e-3)``.
     * ``scheduler``: optional; a callable taking the optimizer and returning a scheduler
       (LightningCLI's ``LRSchedulerCallable``), or a Lightning scheduler config dict whose
       ``"scheduler"`` is such a callable or a scheduler.
     * ``decay_plan_options``: keyword options for :meth:`DecayPlan.from_module`
-      (``include_frozen``, ``strict``, ``merge``, ...).
+      (``include_frozen``, ``strict``, ``merge``, ...); a class attribute or init argument too.
     * ``show_decay_plan``: print the plan table at fit start on rank zero (default True).
 
     Each group keeps ``name``, ``param_names`` and ``weight_decay``; where a rule scales the
@@ -71,9 +74,34 @@ class WDMixin:
         [('no_decay', 0.0), ('decay', 0.05)]
     """
 
-    decay_rules: ClassVar[Sequence[DecayRule] | None] = None
-    decay_plan_options: ClassVar[Mapping[str, Any]] = {}
-    show_decay_plan: ClassVar[bool] = True
+    decay_rules: Sequence[DecayRule] | None = None
+    decay_plan_options: Mapping[str, Any] = {}
+    show_decay_plan: bool = True
+
+    def __init__(
+        self,
+        *args: Any,
+        decay_rules: Sequence[DecayRule] | None = None,
+        decay_plan_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Pass ``decay_rules`` / ``decay_plan_options`` to override the class attributes.
+
+        Args:
+            *args: Passed on to the next class (``LightningModule``).
+            decay_rules: Rules in priority order; None keeps the class attribute.
+            decay_plan_options: Options for :meth:`DecayPlan.from_module`; None keeps the class attribute.
+            **kwargs: Passed on to the next class.
+
+        Raises:
+            TypeError: if ``decay_rules`` is not a list of DecayRule or ``decay_plan_options`` not a mapping.
+        """
+        super().__init__(*args, **kwargs)
+        if decay_rules is not None:
+            self.decay_rules = list(_check_rules(decay_rules, "decay_rules"))
+        if decay_plan_options is not None:
+            _check_plan_options(decay_plan_options, "`decay_plan_options`")
+            self.decay_plan_options = dict(decay_plan_options)
 
     def configure_optimizers(self) -> Any:
         """Build the optimizer (and scheduler) from ``decay_rules``, ``optimizer`` and ``scheduler``.
@@ -102,12 +130,22 @@ class WDMixin:
                 " sets its own weight_decay from `decay_rules`, so that value is ignored. Remove it from the"
                 " optimizer and set the decay in the rules."
             )
-        options = dict(getattr(self, "decay_plan_options", {}) or {})
-        plan = DecayPlan.from_module(self, getattr(self, "decay_rules", None), **options)
+        show = getattr(self, "show_decay_plan", True)
+        if not isinstance(show, bool):
+            raise TypeError(
+                f"`show_decay_plan` must be True or False, got {type(show).__name__} {show!r}. Pass a bool."
+            )
+        rules = _resolved(self, "decay_rules")
+        options = _resolved(self, "decay_plan_options") or {}
+        _check_plan_options(options, "`decay_plan_options`")
+        try:
+            plan = DecayPlan.from_module(self, None if rules is None else _check_rules(rules, "decay_rules"), **options)
+        except PlanError as err:
+            raise PlanError(f"{err} (while planning the `decay_rules` of {type(self).__name__})") from err
         groups = plan.param_groups()
         for g in groups:
             g[PLANNED_KEY] = g["weight_decay"]
-        optimizer = factory(groups)
+        optimizer = _call_factory(factory, groups, "optimizer")
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 f"`optimizer` returned {type(optimizer).__name__}, not a torch.optim.Optimizer. It must build the"
@@ -120,13 +158,56 @@ class WDMixin:
                 if "initial_lr" in g:
                     g["initial_lr"] = g["lr"]
         self.decay_plan = plan
-        if getattr(self, "show_decay_plan", True):
+        if show:
             rank_zero_info(f"Weight decay plan for {type(self).__name__}:\n{plan.table()}")
 
         scheduler = getattr(self, "scheduler", None)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": _build_scheduler(scheduler, optimizer)}
+
+    def on_train_start(self) -> None:
+        """Give the decay back to the optimizer when a run handed over to the callback resumes without it.
+
+        A checkpoint written with :class:`~lightning_wd.WeightDecayCallback` holds optimizer groups
+        whose own ``weight_decay`` is 0 and whose decay is recorded under ``"lwd_weight_decay"``.
+        Resumed without the callback, those groups would silently train with no decay at all: the
+        recorded value is moved back into the group's ``weight_decay`` (the key removed) and a
+        warning says so. This runs after the callbacks' ``on_train_start``, so with the callback
+        present nothing changes. Overriding this hook? Call ``super().on_train_start()``.
+        """
+        parent = getattr(super(), "on_train_start", None)
+        if parent is not None:
+            parent()
+        _hand_back_without_callback(self)
+
+
+def _hand_back_without_callback(module: Any) -> None:
+    from lightning_wd.callback import WD_KEY, WeightDecayCallback
+
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None or any(isinstance(cb, WeightDecayCallback) for cb in trainer.callbacks):
+        return
+    moved: list[str] = []
+    for optimizer in trainer.optimizers:
+        for index, group in enumerate(optimizer.param_groups):
+            if WD_KEY in group:
+                group["weight_decay"] = float(group.pop(WD_KEY))
+                moved.append(f"{group.get('name', f'pg{index + 1}')}={group['weight_decay']}")
+    if moved:
+        rank_zero_warn(
+            f"The optimizer's parameter groups were restored from a run whose decay WeightDecayCallback applied"
+            f" (`{WD_KEY}`), but this trainer has no WeightDecayCallback: without a hand-back they would get no"
+            f" decay at all. Their decay is now applied by the optimizer's own `weight_decay` ({', '.join(moved)}),"
+            " which is not bitwise the same as the callback's decoupled decay. Add lwd.WeightDecayCallback() to"
+            " `Trainer(callbacks=...)` to keep the callback's decay."
+        )
+
+
+def _resolved(module: Any, name: str) -> Any:
+    """An attribute set on the instance, or the class attribute when the instance holds None."""
+    value = getattr(module, name, None)
+    return getattr(type(module), name, None) if value is None else value
 
 
 def _check_all_planned(optimizer: Optimizer, plan: DecayPlan) -> None:
@@ -168,8 +249,22 @@ def _is_scheduler(obj: Any) -> bool:
     return not inspect.isclass(obj) and hasattr(obj, "step") and hasattr(obj, "optimizer")
 
 
+def _call_factory(factory: Callable[[Any], Any], arg: Any, argument: str) -> Any:
+    """``factory(arg)``; a TypeError or ValueError it raises is re-raised naming ``argument``."""
+    try:
+        return factory(arg)
+    except (TypeError, ValueError) as err:
+        kind = TypeError if isinstance(err, TypeError) else ValueError
+        what = "parameter groups" if argument == "optimizer" else "optimizer"
+        raise kind(
+            f"`{argument}` raised {type(err).__name__}({err}) when called with the {what}. Make it a callable that"
+            f" takes the {what} alone and has valid values for everything else (bind them with functools.partial,"
+            " as LightningCLI does)."
+        ) from err
+
+
 def _call_scheduler(factory: Callable[[Optimizer], Any], optimizer: Optimizer) -> Any:
-    sched = factory(optimizer)
+    sched = _call_factory(factory, optimizer, "scheduler")
     if not hasattr(sched, "step"):
         raise TypeError(f"`scheduler` returned {type(sched).__name__}, which has no step(); return an LR scheduler.")
     return sched

@@ -11,24 +11,35 @@ order, that matches any of its aliases.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
+import math
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_wd.rules import DecayRule, _check_number, _compile_glob
+from lightning_wd.rules import _NAME_CHARS, DecayRule, _check_number, _compile_glob, _has_glob
 
 __all__ = ["DecayPlan", "ParamEntry", "PlanGroup", "build_param_groups"]
 
 #: Attribute names under which wrappers hold the wrapped module; dropped from canonical names.
-_WRAPPER_ATTRS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_forward_module"})
+_WRAPPER_ATTRS = frozenset(
+    {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_forward_module", "_original_module"}
+)
 #: Wrappers that hold the wrapped module as ``module``.
 _MODULE_WRAPPERS = frozenset({"DistributedDataParallel", "DataParallel", "DeepSpeedEngine"})
+#: One planned parameter: (parameter, [(canonical alias, owner module)], rule name, group, marked).
+_Record = tuple[nn.Parameter, list[tuple[str, nn.Module]], "str | None", str, bool]
+
 #: Name of the rule that claims parameters marked by the ecosystem's no-decay conventions.
 MARKED_RULE = "no_weight_decay"
+#: Group that marked parameters land in.
+_MARKED_GROUP = "no_decay"
 
 
 class PlanError(ValueError):
@@ -84,87 +95,177 @@ class PlanGroup:
         return sum(_numel(p) for p in self.params)
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _shape(param: Tensor) -> tuple[int, ...]:
+    ds_shape = getattr(param, "ds_shape", None)
+    return tuple(ds_shape) if ds_shape is not None else tuple(param.shape)
+
+
 def _numel(param: Tensor) -> int:
     ds_numel = getattr(param, "ds_numel", None)
     return int(ds_numel) if ds_numel is not None else param.numel()
-
-
-def _walk(module: nn.Module) -> Iterable[tuple[str, nn.Module, str, dict[str, nn.Module]]]:
-    """Yield ``(raw_name, submodule, canonical_prefix, raw_modules)`` for every path to every submodule."""
-    raw_modules: dict[str, nn.Module] = {}
-    canon_prefix: dict[str, str] = {}
-    for raw, mod in module.named_modules(remove_duplicate=False):
-        raw_modules[raw] = mod
-        if raw:
-            parent_raw, _, attr = raw.rpartition(".")
-            parent_canon = canon_prefix[parent_raw]
-            wrapped = attr == "module" and type(raw_modules[parent_raw]).__name__ in _MODULE_WRAPPERS
-            drop = attr in _WRAPPER_ATTRS or wrapped
-            canon_prefix[raw] = parent_canon if drop else (f"{parent_canon}.{attr}" if parent_canon else attr)
-        else:
-            canon_prefix[raw] = ""
-        yield raw, mod, canon_prefix[raw], raw_modules
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _canonical_paths(module: nn.Module) -> Iterable[tuple[str, nn.Module, nn.Parameter]]:
-    """Yield ``(canonical_name, owner, param)`` for every path to every parameter."""
-    canon_of: dict[str, str] = {}
-    for raw, mod, prefix, raw_modules in _walk(module):
-        canon_of[raw] = prefix
+_HOOKS = (("no_weight_decay", False), ("no_weight_decay_keywords", True))
+_HOOK_TYPES: dict[type, tuple[str, ...]] = {}
+
+
+def _hooks_of(cls: type) -> tuple[str, ...]:
+    hooks = _HOOK_TYPES.get(cls)
+    if hooks is None:
+        hooks = _HOOK_TYPES[cls] = tuple(h for h, _ in _HOOKS if callable(getattr(cls, h, None)))
+    return hooks
+
+
+class _Marks:
+    """Names marked no-decay by ``no_weight_decay()`` / ``no_weight_decay_keywords()`` hooks.
+
+    Literal names are kept in a set (a name is marked when it or one of its dotted prefixes is
+    there: a hook may name a submodule); globs and keywords, which are few, are scanned.
+    """
+
+    def __init__(self) -> None:
+        self.exact: set[str] = set()
+        self.globs: list[re.Pattern[str]] = []
+        self.keywords: list[tuple[str, str]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.globs or self.keywords)
+
+    def add(self, prefix: str, entry: str, keyword: bool) -> None:
+        if keyword:
+            if _has_glob(entry):
+                self.globs.append(_compile_glob(_join(prefix, f"*{entry}*")))
+            else:
+                self.keywords.append((f"{prefix}." if prefix else "", entry))
+        elif _has_glob(entry):
+            full = _join(prefix, entry)
+            self.globs.append(_compile_glob(full))
+            self.globs.append(_compile_glob(full + ".*"))
+        else:
+            self.exact.add(_join(prefix, entry))
+
+    def match(self, name: str) -> bool:
+        exact = self.exact
+        if exact:
+            if name in exact:
+                return True
+            cut = name.find(".")
+            while cut != -1:
+                if name[:cut] in exact:
+                    return True
+                cut = name.find(".", cut + 1)
+        for start, word in self.keywords:
+            if name.startswith(start) and word in name[len(start) :]:
+                return True
+        return any(g.fullmatch(name) for g in self.globs)
+
+
+class _Frame:
+    """One path to one submodule during the walk."""
+
+    __slots__ = ("attr", "module", "parent", "prefix")
+
+    def __init__(self, module: nn.Module, prefix: str, attr: str, parent: _Frame | None) -> None:
+        self.module = module
+        self.prefix = prefix
+        self.attr = attr
+        self.parent = parent
+
+
+def _scan(module: nn.Module, marks: _Marks | None) -> tuple[list[nn.Parameter], dict[int, list[tuple[str, nn.Module]]]]:
+    """Walk every path to every submodule once, in registration order (as ``named_modules(remove_duplicate=False)``).
+
+    Returns the parameters (first occurrence order) and, by ``id``, every canonical name under
+    which each is reachable with the module holding it. Collects hook names into ``marks``.
+    """
+    order: list[nn.Parameter] = []
+    aliases: dict[int, list[tuple[str, nn.Module]]] = {}
+    stack = [_Frame(module, "", "", None)]
+    while stack:
+        frame = stack.pop()
+        mod = frame.module
+        prefix = frame.prefix
+        children = mod._modules
+        if children:
+            drop_module = type(mod).__name__ in _MODULE_WRAPPERS
+            for attr, child in reversed(children.items()):
+                if child is not None:
+                    drop = attr in _WRAPPER_ATTRS or (drop_module and attr == "module")
+                    stack.append(_Frame(child, prefix if drop else _join(prefix, attr), attr, frame))
+
+        if marks is not None:
+            for hook in _hooks_of(type(mod)):
+                _read_hook(mod, hook, prefix, marks)
+
         params = mod._parameters
         if not params:
             continue
         owner = mod
-        holder_raw, _, tensor_name = raw.rpartition(".")
-        if type(mod).__name__ == "ParametrizationList" and holder_raw.rpartition(".")[2] == "parametrizations":
+        holder = frame.parent
+        if (
+            holder is not None
+            and holder.parent is not None
+            and holder.attr == "parametrizations"
+            and type(mod).__name__ == "ParametrizationList"
+        ):
             # <x>.parametrizations.<tensor>.original[N] -> <x>.<tensor>[.originalN], owned by <x>
-            x_raw = holder_raw.rpartition(".")[0]
-            owner = raw_modules[x_raw]
-            prefix = _join(canon_of[x_raw], tensor_name)
-            for pname, param in params.items():
-                if param is not None:
-                    yield (prefix if pname == "original" else f"{prefix}.{pname}"), owner, param
-            continue
-        for pname, param in params.items():
-            if param is not None:
-                yield _join(prefix, pname), owner, param
-
-
-def _marked_patterns(module: nn.Module) -> list[re.Pattern[str]]:
-    """Canonical glob patterns from ``no_weight_decay()`` / ``no_weight_decay_keywords()`` hooks."""
-    patterns: list[re.Pattern[str]] = []
-    for _raw, mod, prefix, _ in _walk(module):
-        for hook, keyword in (("no_weight_decay", False), ("no_weight_decay_keywords", True)):
-            if not callable(getattr(type(mod), hook, None)):
+            owner = holder.parent.module
+            base = _join(holder.parent.prefix, frame.attr)
+            named = [(base if pname == "original" else f"{base}.{pname}", p) for pname, p in params.items()]
+        else:
+            named = [(f"{prefix}.{pname}" if prefix else pname, p) for pname, p in params.items()]
+        for canon, param in named:
+            if param is None:
                 continue
-            try:
-                names = getattr(mod, hook)()
-            except Exception as err:  # the hook is user code: say which one failed
-                raise PlanError(
-                    f"`{type(mod).__name__}.{hook}()` (module {prefix or '<root>'!r}) raised {err!r}."
-                ) from err
-            if isinstance(names, str):
-                names = [names]
-            for entry in sorted(str(n).strip(".") for n in names):
-                full = _join(prefix, f"*{entry}*" if keyword else entry)
-                # A hook may name a submodule: everything under it is marked too.
-                patterns.append(_compile_glob(full))
-                patterns.append(_compile_glob(full + ".*"))
-    return patterns
+            key = id(param)
+            seen = aliases.get(key)
+            if seen is not None:
+                if all(canon != n for n, _ in seen):
+                    seen.append((canon, owner))
+                continue
+            _check_param(canon, param)
+            aliases[key] = [(canon, owner)]
+            order.append(param)
+    return order, aliases
+
+
+def _read_hook(mod: nn.Module, hook: str, prefix: str, marks: _Marks) -> None:
+    try:
+        names = getattr(mod, hook)()
+    except Exception as err:  # the hook is user code: say which one failed
+        raise PlanError(f"`{type(mod).__name__}.{hook}()` (module {prefix or '<root>'!r}) raised {err!r}.") from err
+    if isinstance(names, str):
+        names = [names]
+    keyword = hook == "no_weight_decay_keywords"
+    for entry in sorted(str(n).strip(".") for n in names):
+        if entry:
+            marks.add(prefix, entry, keyword)
 
 
 def _check_param(canon: str, param: nn.Parameter) -> None:
-    if isinstance(param, nn.parameter.UninitializedParameter):
+    # (isinstance against the lazy classes is slow through Parameter's metaclass: test plain parameters first)
+    if type(param) is not nn.Parameter and isinstance(param, nn.parameter.UninitializedParameter):
         raise PlanError(
-            f"Parameter {canon!r} is an uninitialized lazy parameter; its shape is unknown, so no rule can be"
+            f"`module` holds an uninitialized lazy parameter {canon!r}; its shape is unknown, so no rule can be"
             " resolved for it. Run one forward pass (for example in `LightningModule.setup`) before the"
             " optimizer is configured."
         )
-    if type(param).__name__ == "FlatParameter" or "_flat_param" in canon.split("."):
+    if type(param).__name__ == "FlatParameter" or canon == "_flat_param" or canon.endswith("._flat_param"):
         raise PlanError(
             f"Parameter {canon!r} is an FSDP flat parameter, which concatenates tensors of different roles."
             " Wrap the model with `use_orig_params=True` (or use FSDP2 `fully_shard`) so rules see each tensor."
@@ -192,20 +293,34 @@ class DecayPlan:
     def __init__(
         self,
         rules: tuple[DecayRule, ...],
-        entries: tuple[ParamEntry, ...],
         groups: tuple[PlanGroup, ...],
         unclaimed_rules: tuple[str, ...],
         frozen: tuple[str, ...],
-        owners: dict[str, tuple[nn.Module, ...]],
-        params: dict[str, nn.Parameter],
+        records: list[_Record],
+        index: dict[str, int],
     ) -> None:
         self.rules = rules
-        self.entries = entries
         self.groups = groups
         self.unclaimed_rules = unclaimed_rules
         self.frozen = frozen
-        self._owners = owners
-        self._params = params
+        self._records = records
+        self._index = index
+
+    @functools.cached_property
+    def entries(self) -> tuple[ParamEntry, ...]:
+        """One :class:`ParamEntry` per planned parameter, in registration order (built on first use)."""
+        return tuple(
+            ParamEntry(
+                name=names[0][0],
+                aliases=tuple(n for n, _ in names),
+                owners=tuple(type(o).__name__ for _, o in names),
+                shape=_shape(param),
+                rule=rule,
+                group=group,
+                marked=marked,
+            )
+            for param, names, rule, group, marked in self._records
+        )
 
     @classmethod
     def from_module(
@@ -246,47 +361,52 @@ class DecayPlan:
                 is no trainable parameter.
         """
         if not isinstance(module, nn.Module):
-            raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}.")
+            raise TypeError(
+                f"`module` must be a torch.nn.Module, got {type(module).__name__}. Pass the model itself (for"
+                " example your LightningModule), not its parameters or state_dict."
+            )
         rules_t = _check_rules(rules)
-        default_wd = _check_number(default_weight_decay, "default_weight_decay", positive=False)
-        if default_group is None:
-            default_group = "no_decay" if default_wd == 0.0 else "default"
-        elif not isinstance(default_group, str) or not default_group:
-            raise ValueError(f"`default_group` must be a non-empty string or None, got {default_group!r}.")
-
-        # 1. Collect every parameter once, with all its aliases and owners, in registration order.
-        order: list[nn.Parameter] = []
-        aliases: dict[int, list[tuple[str, nn.Module]]] = {}
-        frozen: list[str] = []
-        for canon, owner, param in _canonical_paths(module):
-            key = id(param)
-            if key in aliases:
-                if all(canon != n for n, _ in aliases[key]):
-                    aliases[key].append((canon, owner))
-                continue
-            _check_param(canon, param)
-            aliases[key] = [(canon, owner)]
-            order.append(param)
-        trainable = [p for p in order if p.requires_grad or include_frozen]
-        frozen = [aliases[id(p)][0][0] for p in order if not (p.requires_grad or include_frozen)]
-        if not trainable:
-            raise PlanError(
-                f"`module` ({type(module).__name__}) has no trainable parameter"
-                f"{' (all ' + str(len(frozen)) + ' are frozen; pass include_frozen=True to plan them)' if frozen else ''}."
+        default_wd, default_group = _check_option_values(
+            include_frozen=include_frozen,
+            strict=strict,
+            respect_no_weight_decay=respect_no_weight_decay,
+            merge=merge,
+            default_weight_decay=default_weight_decay,
+            default_group=default_group,
+        )
+        # The walk allocates a few small objects per tensor; on models with 10^5 tensors the
+        # collector's full passes over the model would dominate, so it is paused meanwhile.
+        with _gc_paused():
+            return cls._build(
+                module,
+                rules_t,
+                include_frozen=include_frozen,
+                strict=strict,
+                default_wd=default_wd,
+                default_group=default_group,
+                respect_no_weight_decay=respect_no_weight_decay,
+                merge=merge,
             )
 
-        # 2. Marked parameters (ecosystem conventions).
-        marked_ids: set[int] = set()
-        if respect_no_weight_decay:
-            patterns = _marked_patterns(module)
-            for p in trainable:
-                names = aliases[id(p)]
-                if getattr(p, "_no_weight_decay", False) is True or any(
-                    pat.fullmatch(n) for pat in patterns for n, _ in names
-                ):
-                    marked_ids.add(id(p))
+    @classmethod
+    def _build(
+        cls,
+        module: nn.Module,
+        rules_t: tuple[DecayRule, ...],
+        *,
+        include_frozen: bool,
+        strict: bool,
+        default_wd: float,
+        default_group: str,
+        respect_no_weight_decay: bool,
+        merge: bool,
+    ) -> DecayPlan:
+        # 1. Every parameter once, with all its aliases and owners, in registration order; the
+        #    no_weight_decay() hooks are read on the same walk.
+        marks = _Marks() if respect_no_weight_decay else None
+        order, aliases = _scan(module, marks)
 
-        # 3. First rule, in list order, matching any alias.
+        # 2. Group settings, checked for conflicts before anything is assigned.
         group_settings: dict[str, tuple[float, float, str]] = {}
 
         def register_group(name: str, wd: float, lr_scale: float, origin: str) -> None:
@@ -297,75 +417,91 @@ class DecayPlan:
                 raise PlanError(
                     f"Group {name!r} is given weight_decay={prev[0]}, lr_scale={prev[1]} by {prev[2]} but"
                     f" weight_decay={wd}, lr_scale={lr_scale} by {origin}. Parameter groups need unique names:"
-                    " give one of the rules a different `group` (or `name`)."
+                    " give one of the `rules` a different `group` (or `name`)."
                 )
 
         for rule in rules_t:
             register_group(rule.group_name, rule.weight_decay, rule.lr_scale, f"rule {rule.name!r}")
-        if marked_ids:
-            register_group("no_decay", 0.0, 1.0, "the no_weight_decay convention")
-
-        claimed: dict[int, str | None] = {}
+        # 3. One pass over the parameters (each tensor is touched once: on models with 10^5 tensors
+        #    separate passes cost a cache miss each): frozen ones are listed; marked ones go to the
+        #    no-decay group; the others to the first rule, in list order, matching any alias. Marks
+        #    are decided by flags and hooks, never by a rule's name (a user rule may be called
+        #    'no_weight_decay').
+        by_name = marks is not None and bool(marks)
+        frozen_names: list[str] = []
         rule_hits: dict[str, int] = {r.name: 0 for r in rules_t}
-        for p in trainable:
-            key = id(p)
-            if key in marked_ids:
-                claimed[key] = MARKED_RULE
+        any_marked = False
+        members: dict[str, list[nn.Parameter]] = {}
+        member_names: dict[str, list[str]] = {}
+        group_rules: dict[str, dict[str, None]] = {}
+        records: list[_Record] = []
+        index: dict[str, int] = {}
+        for p in order:
+            names = aliases[id(p)]
+            if not (include_frozen or p.requires_grad):
+                frozen_names.append(names[0][0])
                 continue
-            claimed[key] = None
-            for rule in rules_t:
-                if any(rule.matches(n, p, o) for n, o in aliases[key]):
-                    claimed[key] = rule.name
-                    rule_hits[rule.name] += 1
-                    break
+            marked = marks is not None and (
+                getattr(p, "_no_weight_decay", False) is True or (by_name and any(marks.match(n) for n, _ in names))
+            )
+            rule_name: str | None
+            if marked:
+                if not any_marked:
+                    register_group(_MARKED_GROUP, 0.0, 1.0, "the no_weight_decay convention")
+                    any_marked = True
+                rule_name, group, label = MARKED_RULE, _MARKED_GROUP, MARKED_RULE
+            else:
+                hit: DecayRule | None = None
+                if len(names) == 1:  # the common case, without a generator per rule
+                    name, owner = names[0]
+                    for rule in rules_t:
+                        if rule.matches(name, p, owner):
+                            hit = rule
+                            break
+                else:
+                    for rule in rules_t:
+                        if any(rule.matches(n, p, o) for n, o in names):
+                            hit = rule
+                            break
+                if hit is None:
+                    rule_name, group, label = None, default_group, "<default>"
+                    register_group(group, default_wd, 1.0, "the default group")
+                else:
+                    rule_hits[hit.name] += 1
+                    rule_name, group, label = hit.name, hit.group_name, hit.name
+            members.setdefault(group, []).append(p)
+            member_names.setdefault(group, []).append(names[0][0])
+            group_rules.setdefault(group, {})[label] = None
+            i = len(records)
+            for alias, _ in names:
+                if index.setdefault(alias, i) != i:
+                    raise PlanError(
+                        f"Two different parameters have the canonical name {alias!r}. Rename one of the modules"
+                        " (a submodule called 'module' or '_orig_mod' beside a wrapper is the usual cause)."
+                    )
+            records.append((p, names, rule_name, group, marked))
+        frozen = tuple(frozen_names)
+        if not records:
+            hint = f" (all {len(frozen)} are frozen; pass include_frozen=True to plan them)" if frozen else ""
+            raise PlanError(f"`module` ({type(module).__name__}) has no trainable parameter{hint}.")
 
         unclaimed = tuple(r.name for r in rules_t if rule_hits[r.name] == 0 and not r.optional)
         if unclaimed:
             msg = (
                 f"Decay rule(s) {list(unclaimed)} claimed no parameter of {type(module).__name__}: either nothing"
-                " matches them or an earlier rule claims everything they match. Check the patterns with"
-                " `DecayPlan.explain(name)`, or mark the rule `optional=True`."
+                " matches them or an earlier rule claims everything they match. Check their patterns in `rules`"
+                " with `DecayPlan.explain(name)`, or mark the rule `optional=True`"
+                + (" (or pass `strict=False` to only warn)." if strict else ".")
             )
             if strict:
                 raise PlanError(msg)
             _warn(msg)
 
-        # 4. Groups.
-        rule_by_name = {r.name: r for r in rules_t}
-        members: dict[str, list[nn.Parameter]] = {}
-        group_rules: dict[str, list[str]] = {}
-        entries: list[ParamEntry] = []
+        # 4. Groups, in rule order, the marked group, then the default group.
         group_order = [r.group_name for r in rules_t]
-        if marked_ids:
-            group_order.append("no_decay")
-        for p in trainable:
-            key = id(p)
-            rule_name = claimed[key]
-            if rule_name is None:
-                group = default_group
-                register_group(group, default_wd, 1.0, "the default group")
-            elif rule_name == MARKED_RULE:
-                group = "no_decay"
-            else:
-                group = rule_by_name[rule_name].group_name
-            members.setdefault(group, []).append(p)
-            label = rule_name if rule_name is not None else "<default>"
-            if label not in group_rules.setdefault(group, []):
-                group_rules[group].append(label)
-            names = aliases[key]
-            entries.append(
-                ParamEntry(
-                    name=names[0][0],
-                    aliases=tuple(n for n, _ in names),
-                    owners=tuple(type(o).__name__ for _, o in names),
-                    shape=tuple(getattr(p, "ds_shape", None) or p.shape),
-                    rule=rule_name,
-                    group=group,
-                    marked=key in marked_ids,
-                )
-            )
+        if any_marked:
+            group_order.append(_MARKED_GROUP)
         group_order.append(default_group)
-        name_of = {id(p): e.name for p, e in zip(trainable, entries)}
         groups: list[PlanGroup] = []
         for gname in dict.fromkeys(group_order):
             params = members.get(gname)
@@ -379,23 +515,13 @@ class DecayPlan:
                     lr_scale=lr_scale,
                     rules=tuple(group_rules[gname]),
                     params=tuple(params),
-                    param_names=tuple(name_of[id(p)] for p in params),
+                    param_names=tuple(member_names[gname]),
                 )
             )
         if merge:
             groups = _merge_groups(groups)
 
-        names_seen: dict[str, int] = {}
-        for e in entries:
-            if e.name in names_seen:
-                raise PlanError(
-                    f"Two different parameters have the canonical name {e.name!r}. Rename one of the modules"
-                    " (a submodule called 'module' or '_orig_mod' beside a wrapper is the usual cause)."
-                )
-            names_seen[e.name] = 1
-        owners = {aliases[id(p)][0][0]: tuple(o for _, o in aliases[id(p)]) for p in trainable}
-        params_by_name = {aliases[id(p)][0][0]: p for p in trainable}
-        return cls(rules_t, tuple(entries), tuple(groups), unclaimed, tuple(frozen), owners, params_by_name)
+        return cls(rules_t, tuple(groups), unclaimed, frozen, records, index)
 
     # ------------------------------------------------------------------ views
     def param_groups(self, lr: float | None = None) -> list[dict[str, Any]]:
@@ -430,15 +556,18 @@ class DecayPlan:
         Raises:
             KeyError: if no trainable parameter is reachable under ``name``.
         """
-        for e in self.entries:
-            if name in e.aliases:
-                return e
-        stripped = ".".join(c for c in name.split(".") if c not in _WRAPPER_ATTRS and c != "module")
-        for e in self.entries:
-            if stripped in e.aliases:
-                return e
-        frozen = f" It is frozen (requires_grad=False) and so not planned." if name in self.frozen else ""
+        i = self._find(name)
+        if i is not None:
+            return self.entries[i]
+        frozen = " It is frozen (requires_grad=False) and so not planned." if name in self.frozen else ""
         raise KeyError(f"No planned parameter is named {name!r}.{frozen}")
+
+    def _find(self, name: str) -> int | None:
+        i = self._index.get(name)
+        if i is None:
+            stripped = ".".join(c for c in name.split(".") if c not in _WRAPPER_ATTRS and c != "module")
+            i = self._index.get(stripped)
+        return i
 
     def explain(self, name: str) -> str:
         """Say why a parameter lands where it does.
@@ -450,18 +579,18 @@ class DecayPlan:
             One line: group, decay, the claiming rule, other rules that also match, aliases, shape, owner.
         """
         e = self.entry(name)
-        group = next(g for g in self.groups if e.group == g.name or e.group in g.name.split("+"))
-        if e.rule == MARKED_RULE:
+        param, names = self._records[self._index[e.name]][:2]
+        group = next(g for g in self.groups if any(p is param for p in g.params))
+        if e.marked:
             why = "marked no-decay by a `_no_weight_decay` flag or a `no_weight_decay()` hook"
         elif e.rule is None:
             why = "claimed by no rule (default group)"
         else:
             why = f"claimed by rule {e.rule!r}"
-        param = self._params[e.name]
         others = [
             r.name
             for r in self.rules
-            if r.name != e.rule and any(r.matches(n, param, o) for n, o in zip(e.aliases, self._owners[e.name]))
+            if (e.marked or r.name != e.rule) and any(r.matches(n, param, o) for n, o in names)
         ]
         parts = [f"{e.name}: group {group.name!r} (weight decay {group.weight_decay}), {why}"]
         if others:
@@ -482,7 +611,12 @@ class DecayPlan:
         numel = sum(g.numel for g in self.groups)
         rows.append(("total", "", str(total), f"{numel:,}", "", ""))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header, *rows]]
+        lines = [
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+            for r in [header, *rows]
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))
         if self.frozen:
@@ -521,7 +655,7 @@ def _merge_groups(groups: list[PlanGroup]) -> list[PlanGroup]:
     return out
 
 
-def _check_rules(rules: Sequence[DecayRule] | None) -> tuple[DecayRule, ...]:
+def _check_rules(rules: Sequence[DecayRule] | None, argument: str = "rules") -> tuple[DecayRule, ...]:
     if rules is None:
         from lightning_wd.presets import standard
 
@@ -529,20 +663,36 @@ def _check_rules(rules: Sequence[DecayRule] | None) -> tuple[DecayRule, ...]:
     if isinstance(rules, DecayRule):
         return (rules,)
     if isinstance(rules, (set, frozenset)):
-        raise TypeError("`rules` was given as a set, whose order is not deterministic. Pass a list, in priority order.")
+        raise TypeError(
+            f"`{argument}` was given as a set, whose order is not deterministic. Pass a list, in priority order."
+        )
     if not isinstance(rules, Sequence) or isinstance(rules, (str, bytes)):
-        raise TypeError(f"`rules` must be a list of DecayRule, got {type(rules).__name__} {rules!r}.")
+        raise TypeError(
+            f"`{argument}` must be a list of DecayRule, got {type(rules).__name__} {rules!r}. Pass for example"
+            " lwd.presets.standard(0.05), or a list of lwd.DecayRule(name, weight_decay, ...)."
+        )
     out = tuple(rules)
     for i, r in enumerate(out):
         if not isinstance(r, DecayRule):
             raise TypeError(
-                f"`rules[{i}]` must be a DecayRule, got {type(r).__name__} {r!r}."
+                f"`{argument}[{i}]` must be a DecayRule, got {type(r).__name__} {r!r}."
                 " Build it with lwd.DecayRule(name, weight_decay, ...)."
             )
     names = [r.name for r in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise PlanError(f"`rules` contains duplicate rule names {dupes}. Give every rule a unique `name`.")
+        raise PlanError(f"`{argument}` contains duplicate rule names {dupes}. Give every rule a unique `name`.")
+    # Rules sharing a group must agree on its settings; say so before any model is seen.
+    settings: dict[str, DecayRule] = {}
+    for r in out:
+        first = settings.setdefault(r.group_name, r)
+        if (first.weight_decay, first.lr_scale) != (r.weight_decay, r.lr_scale):
+            raise PlanError(
+                f"`{argument}`: group {r.group_name!r} is given weight_decay={first.weight_decay},"
+                f" lr_scale={first.lr_scale} by rule {first.name!r} but weight_decay={r.weight_decay},"
+                f" lr_scale={r.lr_scale} by rule {r.name!r}. Parameter groups need unique names: give one of the"
+                " rules a different `group` (or `name`)."
+            )
     return out
 
 
@@ -553,6 +703,58 @@ def _warn(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=3)
     else:
         rank_zero_warn(message, category=UserWarning)
+
+
+#: Keyword options of :meth:`DecayPlan.from_module` that ``build_param_groups`` and ``WDMixin`` pass on.
+PLAN_OPTIONS = ("default_group", "default_weight_decay", "include_frozen", "merge", "respect_no_weight_decay", "strict")
+
+
+def _check_plan_options(options: Any, where: str) -> None:
+    """Refuse a non-mapping or unknown keys (``where`` says whose), listing the valid ones."""
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"{where} must be a mapping such as {{'merge': True}}, got {type(options).__name__} {options!r}."
+            " Pass a dict of options."
+        )
+    unknown = sorted(str(k) for k in options if k not in PLAN_OPTIONS)
+    if unknown:
+        names = ", ".join(f"`{k}`" for k in unknown)
+        raise TypeError(f"{where} got unknown option(s) {names}; use any of the following: {', '.join(PLAN_OPTIONS)}.")
+    _check_option_values(**options)
+
+
+def _check_option_values(
+    *,
+    include_frozen: Any = False,
+    strict: Any = False,
+    respect_no_weight_decay: Any = True,
+    merge: Any = False,
+    default_weight_decay: Any = 0.0,
+    default_group: Any = None,
+) -> tuple[float, str]:
+    """Check the values of the plan options; return the default group's λ and name."""
+    for flag, argument in (
+        (include_frozen, "include_frozen"),
+        (strict, "strict"),
+        (respect_no_weight_decay, "respect_no_weight_decay"),
+        (merge, "merge"),
+    ):
+        if not isinstance(flag, bool):
+            raise TypeError(f"`{argument}` must be True or False, got {type(flag).__name__} {flag!r}. Pass a bool.")
+    default_wd = _check_number(default_weight_decay, "default_weight_decay", positive=False)
+    if default_group is None:
+        return default_wd, "no_decay" if default_wd == 0.0 else "default"
+    if not isinstance(default_group, str):
+        raise TypeError(
+            f"`default_group` must be a string or None, got {type(default_group).__name__} {default_group!r}."
+            " Use for example 'default', or None for 'no_decay' / 'default' by its decay."
+        )
+    if not _NAME_CHARS.match(default_group):
+        raise ValueError(
+            f"`default_group` must be a non-empty string of letters, digits and '_.-/+', got {default_group!r}."
+            " It names a parameter group and a logging key; use for example 'default'."
+        )
+    return default_wd, default_group
 
 
 def build_param_groups(
@@ -588,10 +790,10 @@ def build_param_groups(
         [('no_decay', 0.0, ['0.weight', '1.bias']), ('decay', 0.1, ['1.weight'])]
         >>> optimizer = torch.optim.AdamW(groups, lr=1e-3)
     """
-    allowed = {"include_frozen", "strict", "default_weight_decay", "default_group", "respect_no_weight_decay", "merge"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise TypeError(f"build_param_groups() got unknown option(s) {unknown}; use any of the following: {sorted(allowed)}.")
+    _check_plan_options(options, "build_param_groups()")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0):
+        raise (ValueError if isinstance(lr, (int, float)) and not isinstance(lr, bool) else TypeError)(
+            f"`lr` must be None or a finite number >= 0 (the optimizer's base learning rate), got"
+            f" {type(lr).__name__} {lr!r}. Pass the lr you give the optimizer, for example 3e-4."
+        )
     return DecayPlan.from_module(module, rules, **options).param_groups(lr=lr)
-
-

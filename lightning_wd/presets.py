@@ -12,6 +12,7 @@ The role predicates (:func:`is_embedding`, :func:`is_normalization`, :func:`is_b
 
 from __future__ import annotations
 
+import functools
 import re
 
 from torch import Tensor, nn
@@ -38,17 +39,49 @@ _NO_DECAY_WORDS = re.compile(
 _WEIGHT_WORDS = re.compile(r"^(weight|weights|kernel|proj|projection|w\d*|wq|wk|wv|wo|router|gate|experts?)$")
 
 
-def _words(name: str) -> list[str]:
+_ORIGINAL = re.compile(r"^original\d+$")
+
+
+@functools.lru_cache(maxsize=8192)
+def _words(name: str) -> tuple[str, ...]:
     spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
-    return [w for w in re.split(r"[_\W]+", spaced.lower()) if w]
+    return tuple(w for w in re.split(r"[_\W]+", spaced.lower()) if w)
 
 
 def _leaf(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
+    """The name that says what a tensor is: its last component, or for a parametrization with several
+    originals (``x.weight.original0``) the parametrized tensor's name (``weight``)."""
+    head, _, leaf = name.rpartition(".")
+    if head and _ORIGINAL.match(leaf):
+        return head.rpartition(".")[2]
+    return leaf
+
+
+def _is_weight_norm_magnitude(name: str, module: nn.Module) -> bool:
+    """Whether ``name`` is the magnitude ``g`` (``original0``) of a ``weight_norm`` parametrization."""
+    head, _, leaf = name.rpartition(".")
+    if leaf != "original0":
+        return False
+    plist = getattr(getattr(module, "parametrizations", None), head.rpartition(".")[2], None)
+    return plist is not None and any(type(m).__name__ == "_WeightNorm" for m in plist)
 
 
 def _holds_layer_weight(module: nn.Module) -> bool:
     return isinstance(module, _TORCH_LINEAR)
+
+
+_CLASS_FLAGS: dict[tuple[type, str], bool] = {}
+
+
+def _class_named(cls: type, pattern: re.Pattern[str]) -> bool:
+    """Whether the class or a base class has a bare name matching ``pattern`` (cached per class)."""
+    key = (cls, pattern.pattern)
+    hit = _CLASS_FLAGS.get(key)
+    if hit is None:
+        hit = any(pattern.search(name) for name, _ in _class_names(cls))
+        if len(_CLASS_FLAGS) < 8192:
+            _CLASS_FLAGS[key] = hit
+    return hit
 
 
 def is_embedding(name: str, param: Tensor, module: nn.Module) -> bool:
@@ -68,7 +101,7 @@ def is_embedding(name: str, param: Tensor, module: nn.Module) -> bool:
         return True
     if _holds_layer_weight(module):
         return False
-    return any(_EMBED_CLASS.search(n) for n in _class_names(type(module)) if "." not in n)
+    return _class_named(type(module), _EMBED_CLASS)
 
 
 def is_normalization(name: str, param: Tensor, module: nn.Module) -> bool:
@@ -89,7 +122,7 @@ def is_normalization(name: str, param: Tensor, module: nn.Module) -> bool:
         return True
     if _holds_layer_weight(module):
         return False
-    return any(_NORM_CLASS.search(n) for n in _class_names(type(module)) if "." not in n)
+    return _class_named(type(module), _NORM_CLASS)
 
 
 def is_bias(name: str, param: Tensor, module: nn.Module) -> bool:
@@ -114,7 +147,9 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
     (linear layers of other libraries, such as GPT-2's transposed 1-D convolution), and
     free-standing matrices whose role is a projection: stacked mixture-of-experts weights
     (three or more dimensions with a leading expert axis) and matrices named as
-    projections, routers or gates. Biases, normalization and embedding parameters,
+    projections, routers or gates. A parametrized weight counts as the weight it
+    parametrizes (``x.weight``, or the direction ``x.weight.original1`` of ``weight_norm``,
+    whose magnitude ``original0`` is a scale). Biases, normalization and embedding parameters,
     tensors with fewer than two dimensions, and free-standing tokens, position tables and
     scales are never linear weights.
 
@@ -135,6 +170,8 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
     if param_ndim(param) < 2:
         return False
     if is_bias(name, param, module) or is_normalization(name, param, module) or is_embedding(name, param, module):
+        return False
+    if _is_weight_norm_magnitude(name, module):
         return False
     leaf = _leaf(name)
     words = _words(leaf)
@@ -176,16 +213,18 @@ def standard(weight_decay: float = 0.05, *, lr_scale: float = 1.0) -> list[Decay
     Example::
 
         >>> import lightning_wd as lwd
-        >>> [(r.name, r.weight_decay, r.group_name) for r in lwd.presets.standard(0.1)]
-        [('embedding', 0.0, 'no_decay'), ('normalization', 0.0, 'no_decay'), ('bias', 0.0, 'no_decay'), ('linear', 0.1, 'decay')]
+        >>> for rule in lwd.presets.standard(0.1):
+        ...     print(rule.name, rule.weight_decay, rule.group_name)
+        embedding 0.0 no_decay
+        normalization 0.0 no_decay
+        bias 0.0 no_decay
+        linear 0.1 decay
     """
     return [
         DecayRule("embedding", 0.0, predicate=is_embedding, group="no_decay", optional=True),
         DecayRule("normalization", 0.0, predicate=is_normalization, group="no_decay", optional=True),
         DecayRule("bias", 0.0, predicate=is_bias, group="no_decay", optional=True),
-        DecayRule(
-            "linear", weight_decay, predicate=is_linear_weight, group="decay", lr_scale=lr_scale, optional=True
-        ),
+        DecayRule("linear", weight_decay, predicate=is_linear_weight, group="decay", lr_scale=lr_scale, optional=True),
     ]
 
 

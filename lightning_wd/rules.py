@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -30,8 +30,8 @@ MAX_PATTERN_LENGTH = 256
 _GLOB_CHARS = frozenset("*?[")
 _NAME_CHARS = re.compile(r"^[A-Za-z0-9_.\-/+]+$")
 
-ModuleSpec = Union[str, type]
-ParamSpec = Union[str, "re.Pattern[str]"]
+ModuleSpec = str | type
+ParamSpec = str | re.Pattern[str]
 
 
 def _has_glob(pattern: str) -> bool:
@@ -75,7 +75,8 @@ def _resolve_class(path: str, argument: str) -> type:
     if not isinstance(obj, type):
         raise TypeError(
             f"`{argument}` entry {path!r} resolves to {type(obj).__name__} {obj!r}, not a class."
-            " Import paths may only name module classes."
+            " Import paths may only name module classes: give one such as 'torch.nn.Linear', or a glob on"
+            " class names such as '*Linear*'."
         )
     return obj
 
@@ -85,6 +86,8 @@ def _as_tuple(value: Any) -> tuple[Any, ...]:
         return ()
     if isinstance(value, (str, type, re.Pattern)):
         return (value,)
+    if isinstance(value, (bytes, bytearray)):
+        raise TypeError(f"patterns must be str, not {type(value).__name__} {value!r}. Decode them to str first.")
     if isinstance(value, (set, frozenset)):
         raise TypeError(
             f"patterns were given as a {type(value).__name__} ({sorted(map(str, value))!r}), whose order is not"
@@ -92,7 +95,10 @@ def _as_tuple(value: Any) -> tuple[Any, ...]:
         )
     if isinstance(value, Sequence):
         return tuple(value)
-    raise TypeError(f"expected a string, a class or a list of them, got {type(value).__name__} {value!r}")
+    raise TypeError(
+        f"expected a string, a class or a list of them, got {type(value).__name__} {value!r}."
+        " Pass for example '*.bias', torch.nn.LayerNorm or ['*Norm*', 'torch.nn.Embedding']."
+    )
 
 
 def _check_pattern(pattern: str, argument: str) -> None:
@@ -109,17 +115,25 @@ def _check_ndim(value: Any, argument: str) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{argument}` must be an int or None, got {type(value).__name__} {value!r}.")
+        raise TypeError(
+            f"`{argument}` must be an int or None, got {type(value).__name__} {value!r}. Pass for example 2, or"
+            " None for no bound."
+        )
     if value < 0:
         raise ValueError(f"`{argument}` must be >= 0, got {value}. Use None for no bound.")
 
 
 def _check_number(value: Any, argument: str, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{argument}` must be a number, got {type(value).__name__} {value!r}.")
+        raise TypeError(
+            f"`{argument}` must be a number, got {type(value).__name__} {value!r}. Pass a Python float such as"
+            f" {1.0 if positive else 0.05}."
+        )
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"`{argument}` must be finite, got {value}. Use a finite value such as 0.05.")
+        raise ValueError(
+            f"`{argument}` must be finite, got {value}. Use a finite value such as {1.0 if positive else 0.05}."
+        )
     if positive and value <= 0:
         raise ValueError(f"`{argument}` must be > 0, got {value}. Use 1.0 to keep the optimizer's learning rate.")
     if not positive and value < 0:
@@ -188,7 +202,10 @@ class DecayRule:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
-            raise TypeError(f"`name` must be a string, got {type(self.name).__name__} {self.name!r}.")
+            raise TypeError(
+                f"`name` must be a string, got {type(self.name).__name__} {self.name!r}. Use for example"
+                " 'no_decay_norms'."
+            )
         if not self.name or not _NAME_CHARS.match(self.name):
             raise ValueError(
                 f"`name` must be a non-empty string of letters, digits and '_.-/+', got {self.name!r}."
@@ -196,17 +213,30 @@ class DecayRule:
             )
         object.__setattr__(self, "weight_decay", _check_number(self.weight_decay, "weight_decay", positive=False))
         object.__setattr__(self, "lr_scale", _check_number(self.lr_scale, "lr_scale", positive=True))
-        if self.group is not None and (not isinstance(self.group, str) or not _NAME_CHARS.match(self.group)):
+        if self.group is not None and not isinstance(self.group, str):
+            raise TypeError(
+                f"`group` must be None or a string, got {type(self.group).__name__} {self.group!r}. Use a group"
+                " name such as 'decay', or None to use the rule's `name`."
+            )
+        if self.group is not None and not _NAME_CHARS.match(self.group):
             raise ValueError(
                 f"`group` must be None or a non-empty string of letters, digits and '_.-/+', got {self.group!r}."
+                " Use for example 'decay', or None to use the rule's `name`."
             )
         if not isinstance(self.optional, bool):
-            raise TypeError(f"`optional` must be a bool, got {type(self.optional).__name__} {self.optional!r}.")
+            raise TypeError(
+                f"`optional` must be a bool, got {type(self.optional).__name__} {self.optional!r}. Pass True or False."
+            )
 
         try:
             modules = _as_tuple(self.modules)
         except TypeError as err:
             raise TypeError(f"`modules`: {err}") from None
+        if self.modules is not None and not modules:
+            raise ValueError(
+                "`modules` is an empty list, which would silently match every module. Pass None for no module"
+                " matcher, or list at least one class, glob or import path."
+            )
         for entry in modules:
             if isinstance(entry, type):
                 if not issubclass(entry, nn.Module):
@@ -224,13 +254,21 @@ class DecayRule:
             if "." in entry and not _has_glob(entry):
                 cls = _resolve_class(entry, "modules")
                 if not issubclass(cls, nn.Module):
-                    raise TypeError(f"`modules` entry {entry!r} resolves to {cls!r}, not a torch.nn.Module subclass.")
+                    raise TypeError(
+                        f"`modules` entry {entry!r} resolves to {cls!r}, not a torch.nn.Module subclass. Give a"
+                        " module class such as 'torch.nn.Linear', or a glob on class names such as '*Norm*'."
+                    )
         object.__setattr__(self, "modules", modules or None)
 
         try:
             params = _as_tuple(self.params)
         except TypeError as err:
             raise TypeError(f"`params`: {err}") from None
+        if self.params is not None and not params:
+            raise ValueError(
+                "`params` is an empty list, which would silently match every parameter. Pass None for no name"
+                " matcher, or list at least one glob such as '*.bias'."
+            )
         for entry in params:
             if isinstance(entry, re.Pattern):
                 _check_pattern(entry.pattern, "params")
@@ -253,7 +291,8 @@ class DecayRule:
         if self.predicate is not None and not callable(self.predicate):
             raise TypeError(
                 f"`predicate` must be callable as predicate(name, param, module) -> bool, got"
-                f" {type(self.predicate).__name__} {self.predicate!r}."
+                f" {type(self.predicate).__name__} {self.predicate!r}. Pass a module-level function (so that the"
+                " rule pickles), or None."
             )
 
     @property
@@ -262,33 +301,55 @@ class DecayRule:
         return self.group if self.group is not None else self.name
 
     @functools.cached_property
-    def _module_matchers(self) -> tuple[tuple[type, ...], tuple[re.Pattern[str], ...]]:
+    def _module_matchers(
+        self,
+    ) -> tuple[tuple[type, ...], tuple[re.Pattern[str], ...], tuple[re.Pattern[str], ...]]:
         classes: list[type] = []
-        globs: list[re.Pattern[str]] = []
-        for entry in self.modules or ():
+        name_globs: list[re.Pattern[str]] = []
+        path_globs: list[re.Pattern[str]] = []
+        for entry in _as_tuple(self.modules):
             if isinstance(entry, type):
                 classes.append(entry)
             elif "." in entry and not _has_glob(entry):
                 classes.append(_resolve_class(entry, "modules"))
+            elif "." in entry:
+                path_globs.append(_compile_glob(entry))
             else:
-                globs.append(_compile_glob(entry))
-        return tuple(classes), tuple(globs)
+                name_globs.append(_compile_glob(entry))
+        return tuple(classes), tuple(name_globs), tuple(path_globs)
+
+    @functools.cached_property
+    def _module_cache(self) -> dict[type, bool]:
+        return {}
 
     @functools.cached_property
     def _param_matchers(self) -> tuple[re.Pattern[str], ...]:
         return tuple(p if isinstance(p, re.Pattern) else _compile_glob(p) for p in self.params or ())
 
     def matches_module(self, module: nn.Module) -> bool:
-        """Whether ``module``'s class matches the ``modules`` matchers (True when there are none)."""
+        """Whether ``module``'s class matches the ``modules`` matchers (True when there are none).
+
+        A glob without a dot matches the bare name of the class or of any base class (``"*Norm*"``
+        matches ``LayerNorm`` and ``LlamaRMSNorm``); a glob with a dot matches their qualified import
+        paths (``"torch.nn.*"``). So ``"*norm*"`` never matches a class merely because it is defined
+        in a module file called ``normalization.py``.
+        """
         if self.modules is None:
             return True
-        classes, globs = self._module_matchers
-        if classes and isinstance(module, classes):
+        cls = type(module)
+        cache = self._module_cache
+        hit = cache.get(cls)
+        if hit is None:
+            hit = cache[cls] = self._match_class(cls)
+        return hit
+
+    def _match_class(self, cls: type) -> bool:
+        classes, name_globs, path_globs = self._module_matchers
+        if classes and issubclass(cls, classes):
             return True
-        if globs:
-            for name in _class_names(type(module)):
-                if any(g.match(name) for g in globs):
-                    return True
+        for name, path in _class_names(cls):
+            if any(g.match(name) for g in name_globs) or any(g.match(path) for g in path_globs):
+                return True
         return False
 
     def matches_name(self, name: str) -> bool:
@@ -314,7 +375,9 @@ class DecayRule:
                 return False
             if self.max_ndim is not None and ndim > self.max_ndim:
                 return False
-        if not self.matches_name(name) or not self.matches_module(module):
+        if self.params is not None and not self.matches_name(name):
+            return False
+        if self.modules is not None and not self.matches_module(module):
             return False
         return self.predicate is None or bool(self.predicate(name, param, module))
 
@@ -327,16 +390,17 @@ class DecayRule:
             object.__setattr__(self, key, value)
 
 
-@functools.lru_cache(maxsize=4096)
-def _class_names(cls: type) -> tuple[str, ...]:
-    """Names a class answers to: its own and every base class's name and qualified import path."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        if klass is object:
-            continue
-        names.append(klass.__name__)
-        names.append(f"{klass.__module__}.{klass.__qualname__}")
-    return tuple(names)
+_CLASS_NAMES: dict[type, tuple[tuple[str, str], ...]] = {}
+
+
+def _class_names(cls: type) -> tuple[tuple[str, str], ...]:
+    """``(name, qualified import path)`` of the class and of every base class, in MRO order."""
+    names = _CLASS_NAMES.get(cls)
+    if names is None:
+        names = tuple((k.__name__, f"{k.__module__}.{k.__qualname__}") for k in cls.__mro__ if k is not object)
+        if len(_CLASS_NAMES) < 4096:
+            _CLASS_NAMES[cls] = names
+    return names
 
 
 def param_ndim(param: Tensor) -> int:

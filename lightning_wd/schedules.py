@@ -25,11 +25,17 @@ class Schedule(Protocol):
 
 def _check(value: Any, argument: str, *, minimum: float = 0.0, integer: bool = False) -> None:
     kinds = (int,) if integer else (int, float)
+    example = "100" if integer else "1.0"
     if isinstance(value, bool) or not isinstance(value, kinds):
         kind = "an int" if integer else "a number"
-        raise TypeError(f"`{argument}` must be {kind}, got {type(value).__name__} {value!r}.")
+        raise TypeError(
+            f"`{argument}` must be {kind}, got {type(value).__name__} {value!r}. Pass for example {example}."
+        )
     if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"`{argument}` must be finite and >= {minimum}, got {value!r}.")
+        raise ValueError(
+            f"`{argument}` must be finite and >= {minimum:g}, got {value!r}. Use a finite value >= {minimum:g},"
+            f" for example {example}."
+        )
 
 
 @dataclass(frozen=True)

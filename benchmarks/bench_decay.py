@@ -1,0 +1,155 @@
+"""Time one weight-decay pass of every mode against a single ``mul_`` over one flat buffer.
+
+Run from the repository root::
+
+    python benchmarks/bench_decay.py                      # CPU, 16M fp32 elements, 1 thread
+    python benchmarks/bench_decay.py --device cuda        # 256M elements by default
+    python benchmarks/bench_decay.py --quick              # smoke run (1M elements, few repeats)
+
+The same number of elements is laid out two ways: a few large tensors (``--large``, 4 by
+default) and many small ones (``--small``, 5,000 by default). Each row is one pass over all of
+them; every round runs every row once in a shuffled order (after warm-up rounds), and the table
+shows the median time and the median, over rounds, of the ratio to the flat buffer's ``mul_``
+timed in the same round: the memory-bandwidth limit of a pass that reads and writes every
+element once. On a shared machine the minimum over rounds (and the ratio of minima) is the
+least disturbed by other processes, so it is shown too.
+
+Rows:
+
+* ``flat buffer mul_``: the reference, one ``mul_`` over one buffer holding all elements;
+* ``naive loop``: ``for p in params: p.mul_(1 - lr * wd)``;
+* ``torch._foreach_mul_(float)``: the foreach kernel with a Python-number factor;
+* ``apply_decay_`` rows: :func:`lightning_wd.functional.apply_decay_` alone, with a float step
+  (decoupled, lr_ratio and independent all use it), a 0-dim tensor step, ``ord=1``, and a mask
+  (cautious, with :func:`~lightning_wd.functional.cautious_mask` computed in the pass);
+  ``relative`` adds :func:`~lightning_wd.functional.mean_abs` for the step;
+* ``global_norm``: the norm logged on logging steps;
+* ``callback`` rows: the callback's real step path (its optimizer step post-hook: gradient
+  check, step size, decay, and on a logged step the metrics and their one host sync); for
+  ``cautious`` also the snapshot it takes in ``on_before_optimizer_step``, in the full step and
+  alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import CallbackHarness, interleaved, machine_info, make_params, ratio, split_sizes, table
+
+from lightning_wd import functional as F
+
+LR, WD = 1e-3, 0.1
+
+
+def _cases(params: list[torch.Tensor], flat: torch.Tensor, device: torch.device) -> dict[str, Callable[[], Any]]:
+    step = LR * WD
+    tensor_step = torch.tensor(step, device=device)
+    before = [p.detach().clone() for p in params]
+    cases: dict[str, Callable[[], Any]] = {}
+
+    cases["flat buffer mul_ (reference)"] = lambda: flat.mul_(1 - step)
+
+    def naive() -> None:
+        for p in params:
+            p.mul_(1 - LR * WD)
+
+    cases["naive loop p.mul_(1 - lr*wd)"] = naive
+    cases["torch._foreach_mul_(float)"] = lambda: torch._foreach_mul_(params, 1 - step)
+    cases["apply_decay_ float step (decoupled/lr_ratio/independent)"] = lambda: F.apply_decay_(params, step)
+    cases["apply_decay_ tensor step"] = lambda: F.apply_decay_(params, tensor_step)
+    cases["relative: mean_abs + apply_decay_"] = lambda: F.apply_decay_(params, F.mean_abs(params) * step)
+    cases["L1: apply_decay_(ord=1)"] = lambda: F.apply_decay_(params, step, ord=1)
+    cases["cautious: cautious_mask + apply_decay_(mask)"] = lambda: F.apply_decay_(
+        params, step, mask=F.cautious_mask(params, before)
+    )
+    cases["logging: global_norm"] = lambda: F.global_norm(params)
+
+    harnesses = {
+        "decoupled": CallbackHarness(params, weight_decay=WD, lr=LR, mode="decoupled"),
+        "lr_ratio": CallbackHarness(params, weight_decay=WD, lr=LR, mode="lr_ratio"),
+        "independent": CallbackHarness(params, weight_decay=WD * LR, lr=LR, mode="independent"),
+        "relative (params, mean_abs)": CallbackHarness(params, weight_decay=WD, lr=LR, mode="relative"),
+        "L1 (ord=1)": CallbackHarness(params, weight_decay=WD, lr=LR, ord=1),
+        "decoupled, logged step": CallbackHarness(params, weight_decay=WD, lr=LR, logging=True),
+    }
+    for label, h in harnesses.items():
+        cases[f"callback {label}"] = h.step
+    cases["callback cautious: full step (snapshot + mask + decay)"] = CallbackHarness(
+        params, weight_decay=WD, lr=LR, cautious=True
+    ).step
+    # The snapshot alone (on_before_optimizer_step), taken and dropped.
+    cases["callback cautious: snapshot alone"] = CallbackHarness(
+        params, weight_decay=WD, lr=LR, cautious=True
+    ).before_step
+    return cases
+
+
+def run_layout(
+    label: str, sizes: list[int], device: torch.device, dtype: torch.dtype, repeats: int, warmup: int
+) -> list[list[Any]]:
+    params = make_params(sizes, device, dtype, grads=True)
+    flat = torch.randn(sum(sizes), device=device, dtype=dtype)
+    cases = _cases(params, flat, device)
+    with torch.no_grad():  # as inside optimizer.step, where Lightning calls the callback's hooks
+        samples = interleaved(cases, repeats=repeats, warmup=warmup, device=device)
+    reference = next(iter(cases))
+    rows = []
+    for name in cases:
+        best = min(samples[name])
+        rows.append(
+            [
+                label,
+                name,
+                f"{statistics.median(samples[name]) * 1e3:.3f}",
+                f"{ratio(samples, name, reference):.2f}",
+                f"{best * 1e3:.3f}",
+                f"{best / min(samples[reference]):.2f}",
+            ]
+        )
+    del params, flat, cases, samples
+    gc.collect()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    parser.add_argument("--total-elements", type=int, default=None, help="default: 16M on CPU, 256M on CUDA")
+    parser.add_argument("--large", type=int, default=4, help="number of tensors in the large-tensor layout")
+    parser.add_argument("--small", type=int, default=5000, help="number of tensors in the small-tensor layout")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1M elements, 500 small tensors, 3 repeats")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    total = args.total_elements or (256 * 2**20 if device.type == "cuda" else 16 * 2**20)
+    repeats, warmup, small = args.repeats, args.warmup, args.small
+    if args.quick:
+        total, repeats, warmup, small = min(total, 2**20), 3, 1, min(small, 500)
+
+    print(f"# bench_decay: {total:,} {args.dtype} elements on {device}, {repeats} rounds after {warmup} warm-up")
+    print(machine_info(device))
+    print()
+    rows = run_layout(f"{args.large} large", split_sizes(total, args.large), device, dtype, repeats, warmup)
+    rows += run_layout(f"{small} small", split_sizes(total, small), device, dtype, repeats, warmup)
+    print(table(["tensors", "pass", "median ms", "x flat (median of rounds)", "min ms", "x flat (mins)"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Shared pytest configuration.
+
+* Hypothesis: the ``lwd`` profile runs ``LWD_HYPOTHESIS_EXAMPLES`` examples per property
+  (default 150) without a deadline (building torch modules has uneven timing).
+* Tests marked ``cuda`` are skipped on machines without a CUDA device.
+* ``tests`` is a package (``tests/__init__.py``): test modules import shared models with
+  ``from tests.models import ...`` under plain ``python -m pytest`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "lwd",
+    max_examples=int(os.environ.get("LWD_HYPOTHESIS_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("lwd")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,674 @@
+"""Bad input, argument by argument: every public argument has a row, every row checks the whole contract.
+
+Each row of ``ROWS`` is ``(owner, argument, callable, kwargs, error, match)``. The test calls
+``callable(**kwargs)`` and asserts that
+
+* it raises exactly ``error`` (``PlanError`` is a ``ValueError``, ``MisconfigurationException``
+  what Lightning's own callbacks raise for what needs the trainer);
+* the message names ``argument`` in backticks and matches ``match``, which holds the fix the
+  message must offer (or, for unknown strings, the list of valid choices);
+* every module and optimizer involved is exactly as it was (values, identity and
+  ``requires_grad`` of each parameter, buffers; optimizer groups).
+
+Rows whose owner is a Trainer-level object run a real ``Trainer.fit`` and assert that the
+error came at fit start: zero optimizer steps, the optimizer's groups as ``configure_optimizers``
+built them. ``test_every_public_argument_has_a_row`` reads the public signatures, so a new
+argument cannot skip the table.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+import lightning_wd as lwd
+from lightning_wd import presets, schedules
+from lightning_wd.plan import PlanError
+from tests.callback_helpers import Net, PlainNet, WDNet, loader
+
+R = lwd.DecayRule
+#: Words by which a message says what to do; each row's ``match`` pins the exact advice.
+FIX = re.compile(
+    r"\b(use|pass|give|set|remove|rename|check|write|shorten|split|swap|drop|run|mark|make|build|bind|decode|"
+    r"fix|add|start|list|put|declare|wrap|return|delete|choose|for example|such as)\b",
+    re.IGNORECASE,
+)
+
+
+# ---------------------------------------------------------------- models, built when a row runs
+class Fresh:
+    """A value built when the row runs (so every row gets its own model)."""
+
+    def __init__(self, factory: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.factory, self.args, self.kwargs = factory, args, kwargs
+
+    def build(self) -> Any:
+        return self.factory(*self.args, **self.kwargs)
+
+    def __repr__(self) -> str:
+        return f"Fresh({getattr(self.factory, '__name__', self.factory)})"
+
+
+def lazy_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))
+
+
+def frozen_net() -> nn.Module:
+    return Net().requires_grad_(False)
+
+
+class InitNet(lwd.WDMixin, L.LightningModule):
+    """Passes ``decay_rules`` / ``decay_plan_options`` through ``WDMixin.__init__`` (the LightningCLI way)."""
+
+    show_decay_plan = False
+
+    def __init__(self, decay_rules: Any = None, decay_plan_options: Any = None) -> None:
+        super().__init__(decay_rules=decay_rules, decay_plan_options=decay_plan_options)
+        self.net = Net()
+
+
+class LazyWDNet(WDNet):
+    """A WDMixin module whose last layer is lazy, never run before the optimizer is configured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.fc2 = nn.LazyLinear(2)
+
+
+class TwoNamedGroups(PlainNet):
+    """Two optimizer groups with the same ``name``."""
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(
+            [
+                {"params": self.net.fc1.parameters(), "name": "same"},
+                {"params": list(self.net.norm.parameters()) + list(self.net.fc2.parameters()), "name": "same"},
+            ],
+            lr=0.1,
+        )
+
+
+class ZeroLrNet(WDNet):
+    def __init__(self) -> None:
+        super().__init__(optimizer=partial(torch.optim.SGD, lr=0.0))
+
+
+class Endless(IterableDataset):
+    """An iterable of unknown length: the trainer cannot estimate the number of steps."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            yield torch.randn(6, generator=g), torch.randn(2, generator=g)
+
+
+def mixin(**attrs: Any) -> WDNet:
+    """A WDNet with attributes set after construction, as a subclass's class attributes would be."""
+    model = WDNet()
+    for key, value in attrs.items():
+        setattr(model, key, value)
+    return model
+
+
+def configure(model: lwd.WDMixin) -> Any:
+    return model.configure_optimizers()
+
+
+def negative(step: int) -> float:
+    return -1.0
+
+
+def not_a_number(step: int) -> float:
+    return math.nan
+
+
+# ---------------------------------------------------------------- snapshots
+class ModuleSnapshot:
+    """Values, identity and ``requires_grad`` of every parameter and buffer of a module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.state = {
+            k: None if isinstance(v, nn.parameter.UninitializedTensorMixin) else v.detach().clone()
+            for k, v in module.state_dict(keep_vars=True).items()
+        }
+        self.identity = [(n, id(p), p.requires_grad) for n, p in module.named_parameters(remove_duplicate=False)]
+        self.lazy = [n for n, p in module.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+
+    def assert_unchanged(self) -> None:
+        module = self.module
+        assert [(n, id(p), p.requires_grad) for n, p in module.named_parameters(remove_duplicate=False)] == (
+            self.identity
+        )
+        state = module.state_dict(keep_vars=True)
+        assert list(state) == list(self.state)
+        for key, value in state.items():
+            if isinstance(value, nn.parameter.UninitializedTensorMixin):
+                assert key in self.lazy and self.state[key] is None
+                continue
+            assert torch.equal(value.detach(), self.state[key]), f"{key} changed"
+
+
+def groups_snapshot(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    out = []
+    for group in optimizer.param_groups:
+        g = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+        g["params"] = [id(p) for p in group["params"]]
+        out.append(g)
+    return out
+
+
+class Watch(L.Callback):
+    """Counts optimizer steps and snapshots the optimizers just after ``configure_optimizers``."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.groups: list[list[dict[str, Any]]] | None = None
+        self.states: list[dict[Any, Any]] | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.groups = [groups_snapshot(o) for o in trainer.optimizers]
+        self.states = [copy.deepcopy(dict(o.state)) for o in trainer.optimizers]
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.steps += 1
+
+
+def fit(model: L.LightningModule, callbacks: list[L.Callback] = (), data: Any = None, **trainer_kw: Any) -> None:
+    """``Trainer.fit`` that must fail at fit start: no optimizer step, optimizers as they were built."""
+    watch = Watch()
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    options.update(trainer_kw)
+    trainer = L.Trainer(callbacks=[*callbacks, watch], **options)
+    try:
+        trainer.fit(model, data if data is not None else loader())
+    except BaseException:
+        assert watch.steps == 0, "the error came after an optimizer step"
+        assert trainer.global_step == 0
+        if watch.groups is not None:  # the optimizers existed: they are as configure_optimizers built them
+            assert [groups_snapshot(o) for o in trainer.optimizers] == watch.groups
+            assert [dict(o.state) for o in trainer.optimizers] == watch.states
+        raise
+
+
+# ---------------------------------------------------------------- the table
+ROWS: list[Any] = []
+
+
+def case(owner: str, argument: str, func: Callable[..., Any], kwargs: dict[str, Any], error: type, match: str) -> None:
+    n = sum(1 for r in ROWS if r.values[:2] == (owner, argument))
+    ROWS.append(pytest.param(owner, argument, func, kwargs, error, match, id=f"{owner}-{argument}-{n}"))
+
+
+def rule(**kw: Any) -> dict[str, Any]:
+    return {"name": "r", "weight_decay": 0.1, **kw}
+
+
+# DecayRule
+for kwargs, error, match in [
+    (dict(name=1, weight_decay=0.1), TypeError, "Use for example 'no_decay_norms'"),
+    (dict(name="", weight_decay=0.1), ValueError, "use for example 'no_decay_norms'"),
+    (dict(name="no decay", weight_decay=0.1), ValueError, "letters, digits.*use for example"),
+    (dict(name=None, weight_decay=0.1), TypeError, "Use for example"),
+]:
+    case("DecayRule", "name", R, kwargs, error, match)
+for value, error, match in [
+    ("0.1", TypeError, "got str '0.1'. Pass a Python float such as 0.05"),
+    (True, TypeError, "got bool True. Pass a Python float"),
+    (None, TypeError, "Pass a Python float"),
+    (torch.tensor(0.1), TypeError, "got Tensor.*Pass a Python float"),
+    (math.nan, ValueError, "must be finite, got nan. Use a finite value"),
+    (math.inf, ValueError, "must be finite, got inf. Use a finite value"),
+    (-0.1, ValueError, "must be >= 0, got -0.1.*use 0.0 for no decay"),
+]:
+    case("DecayRule", "weight_decay", R, dict(name="r", weight_decay=value), error, match)
+for value, error, match in [
+    (3, TypeError, "got int 3. Pass for example"),
+    ({"*Norm*"}, TypeError, "set.*not deterministic. Pass a list"),
+    (frozenset({nn.LayerNorm}), TypeError, "not deterministic. Pass a list"),
+    ([], ValueError, "empty list.*Pass None for no module matcher"),
+    ([3], TypeError, "must be classes or strings.*Write a glob such as"),
+    (int, TypeError, "not a subclass of torch.nn.Module. Give module classes"),
+    ("", ValueError, "empty pattern. Remove it"),
+    ("x" * 300, ValueError, "longer than the limit of 256 characters. Shorten it"),
+    ("lwd_no_such_package.sub.Norm", ValueError, "no prefix of it can be imported. Give an importable path"),
+    ("torch.nn.Linearr", ValueError, "has no attribute 'Linearr'. Check the spelling"),
+    ("os.path.join", TypeError, "not a class. Import paths may only name module classes: give one"),
+    ("math.pi", TypeError, "resolves to float.*not a class.*give one such as 'torch.nn.Linear'"),
+    ("os.path", TypeError, "resolves to module.*not a class"),
+    ("collections.OrderedDict", TypeError, "not a torch.nn.Module subclass. Give a module class"),
+    (b"Linear", TypeError, "must be str, not bytes.*Decode them"),
+]:
+    case("DecayRule", "modules", R, rule(modules=value), error, match)
+for value, error, match in [
+    (3, TypeError, "got int 3. Pass for example"),
+    ([1], TypeError, "glob strings or compiled regular expressions.*Write for example"),
+    (b"*.bias", TypeError, "must be str, not bytes"),
+    ({"*.bias"}, TypeError, "Pass a list or a tuple"),
+    ([], ValueError, "empty list.*list at least one glob"),
+    ("", ValueError, "empty pattern. Remove it, or use '\\*'"),
+    ("*" * 10_000, ValueError, "length 10000 is longer than the limit of 256 characters. Shorten it"),
+    (re.compile("a" * 300), ValueError, "longer than the limit of 256.*Shorten it"),
+]:
+    case("DecayRule", "params", R, rule(params=value), error, match)
+for argument in ("min_ndim", "max_ndim"):
+    for value, error, match in [
+        (1.5, TypeError, "must be an int or None, got float 1.5. Pass for example 2"),
+        ("2", TypeError, "Pass for example 2, or None"),
+        (True, TypeError, "got bool True"),
+        (-1, ValueError, "must be >= 0, got -1. Use None for no bound"),
+    ]:
+        case("DecayRule", argument, R, rule(**{argument: value}), error, match)
+case("DecayRule", "min_ndim", R, rule(min_ndim=3, max_ndim=1), ValueError, "greater than `max_ndim`.*Swap them")
+case("DecayRule", "predicate", R, rule(predicate=3), TypeError, "must be callable.*Pass a module-level function")
+case("DecayRule", "predicate", R, rule(predicate="lambda n, p, m: True"), TypeError, "got str.*Pass a module-level")
+for value, error, match in [
+    (0, ValueError, "must be > 0, got 0.0. Use 1.0 to keep the optimizer's learning rate"),
+    (-2.0, ValueError, "must be > 0.*Use 1.0"),
+    (math.nan, ValueError, "must be finite.*Use a finite value such as 1.0"),
+    ("2", TypeError, "Pass a Python float such as 1.0"),
+]:
+    case("DecayRule", "lr_scale", R, rule(lr_scale=value), error, match)
+for value, error, match in [
+    (3, TypeError, "must be None or a string, got int 3. Use a group name such as 'decay'"),
+    ("", ValueError, "non-empty string.*Use for example 'decay'"),
+    ("my group", ValueError, "letters, digits.*Use for example 'decay'"),
+]:
+    case("DecayRule", "group", R, rule(group=value), error, match)
+case("DecayRule", "optional", R, rule(optional="yes"), TypeError, "must be a bool, got str 'yes'. Pass True or False")
+case("DecayRule", "optional", R, rule(optional=1), TypeError, "Pass True or False")
+
+# presets
+for name in ("standard", "gpt", "uniform"):
+    func = getattr(presets, name)
+    for value, error, match in [
+        (-0.1, ValueError, "must be >= 0.*use 0.0 for no decay"),
+        (math.nan, ValueError, "must be finite.*Use a finite value"),
+        ("0.1", TypeError, "Pass a Python float"),
+        (None, TypeError, "Pass a Python float"),
+    ]:
+        case(f"presets.{name}", "weight_decay", func, dict(weight_decay=value), error, match)
+for value, error, match in [
+    (0.0, ValueError, "must be > 0.*Use 1.0"),
+    (math.inf, ValueError, "must be finite"),
+    ("1", TypeError, "Pass a Python float such as 1.0"),
+]:
+    case("presets.standard", "lr_scale", presets.standard, dict(lr_scale=value), error, match)
+
+# build_param_groups and DecayPlan.from_module share the plan options
+PLAN_OWNERS: dict[str, Callable[..., Any]] = {
+    "build_param_groups": lwd.build_param_groups,
+    "DecayPlan.from_module": lwd.DecayPlan.from_module,
+}
+for owner, func in PLAN_OWNERS.items():
+    for argument, kwargs, error, match in [
+        ("module", dict(module="model"), TypeError, "got str. Pass the model itself"),
+        ("module", dict(module=Fresh(lambda: list(Net().parameters()))), TypeError, "got list. Pass the model"),
+        ("module", dict(module=Fresh(lazy_net)), PlanError, "lazy parameter '1.weight'.*Run one forward pass"),
+        ("module", dict(module=Fresh(frozen_net)), PlanError, "no trainable parameter.*pass include_frozen=True"),
+        ("rules", dict(rules="standard"), TypeError, "list of DecayRule, got str.*Pass for example"),
+        ("rules", dict(rules={R("a", 0.1)}), TypeError, "set.*Pass a list, in priority order"),
+        ("rules", dict(rules=[R("a", 0.1), "b"]), TypeError, r"`rules\[1\]` must be a DecayRule.*Build it"),
+        ("rules", dict(rules=[R("a", 0.1), R("a", 0.2)]), PlanError, "duplicate rule names.*Give every rule"),
+        (
+            "rules",
+            dict(rules=[R("a", 0.1, params="*.weight", group="g"), R("b", 0.2, params="*.bias", group="g")]),
+            PlanError,
+            "group 'g' is given weight_decay=0.1.*weight_decay=0.2.*give one of the rules a different `group`",
+        ),
+        (
+            "rules",
+            dict(rules=[R("a", 0.1, params="*.weight", group="no_decay")]),
+            PlanError,
+            "by the default group.*give one of the `rules` a different `group`",
+        ),
+        (
+            "rules",
+            dict(rules=[R("typo", 0.1, params="*.wieght")], strict=True),
+            PlanError,
+            r"\['typo'\] claimed no parameter.*mark the rule `optional=True`.*`strict=False`",
+        ),
+        ("strict", dict(strict=1), TypeError, "must be True or False, got int 1"),
+        ("include_frozen", dict(include_frozen="yes"), TypeError, "must be True or False"),
+        ("respect_no_weight_decay", dict(respect_no_weight_decay=None), TypeError, "must be True or False"),
+        ("merge", dict(merge="no"), TypeError, "must be True or False"),
+        ("default_weight_decay", dict(default_weight_decay=-1), ValueError, "must be >= 0.*use 0.0"),
+        ("default_weight_decay", dict(default_weight_decay=math.inf), ValueError, "Use a finite value"),
+        ("default_weight_decay", dict(default_weight_decay="0"), TypeError, "Pass a Python float"),
+        ("default_group", dict(default_group=3), TypeError, "string or None, got int 3. Use for example 'default'"),
+        ("default_group", dict(default_group=""), ValueError, "use for example 'default'"),
+        ("default_group", dict(default_group="no decay"), ValueError, "letters, digits.*use for example"),
+    ]:
+        case(owner, argument, func, {"module": Fresh(Net), **kwargs}, error, match)
+    if owner == "build_param_groups":
+        for value, error, match in [
+            ("1e-3", TypeError, "got str '1e-3'. Pass the lr you give the optimizer"),
+            (math.nan, ValueError, "finite number >= 0.*Pass the lr"),
+            (-1.0, ValueError, "got float -1.0. Pass the lr"),
+        ]:
+            case(owner, "lr", func, dict(module=Fresh(Net), lr=value), error, match)
+        case(
+            owner,
+            "lr_scale",
+            func,
+            dict(module=Fresh(Net), lr_scale=2.0),
+            TypeError,
+            "unknown option.*use any of the following: default_group, default_weight_decay, include_frozen, merge,"
+            " respect_no_weight_decay, strict",
+        )
+
+# WDMixin: init arguments, attributes read by configure_optimizers, and fit
+for kwargs, error, match in [
+    (dict(decay_rules="standard"), TypeError, "list of DecayRule, got str.*Pass for example"),
+    (dict(decay_rules=[R("a", 0.1), 3]), TypeError, r"`decay_rules\[1\]` must be a DecayRule.*Build it"),
+    (dict(decay_rules=(R("a", 0.1), R("a", 0.0))), PlanError, "duplicate rule names.*Give every rule"),
+]:
+    case("WDMixin", "decay_rules", InitNet, kwargs, error, match)
+case("WDMixin", "decay_rules", configure, dict(model=Fresh(mixin, decay_rules=[1])), TypeError, r"\[0\].*Build it")
+case(
+    "WDMixin",
+    "decay_rules",
+    fit,
+    dict(model=Fresh(mixin, decay_rules=[R("typo", 0.1, params="net.fc3.*")], decay_plan_options={"strict": True})),
+    PlanError,
+    r"\['typo'\] claimed no parameter of WDNet.*mark the rule `optional=True`",
+)
+case("WDMixin", "decay_rules", fit, dict(model=Fresh(LazyWDNet)), PlanError, "lazy parameter 'net.fc2.weight'.*Run one")
+for func, kwargs, error, match in [
+    (InitNet, dict(decay_plan_options=[("merge", True)]), TypeError, "must be a mapping such as {'merge': True}"),
+    (InitNet, dict(decay_plan_options={"stict": True}), TypeError, "unknown option.*`stict`.*use any of the following"),
+    (configure, dict(model=Fresh(mixin, decay_plan_options="merge")), TypeError, "must be a mapping such as"),
+    (fit, dict(model=Fresh(mixin, decay_plan_options={"lr": 1.0})), TypeError, "`lr`; use any of the following"),
+]:
+    case("WDMixin", "decay_plan_options", func, kwargs, error, match)
+case("WDMixin", "strict", InitNet, dict(decay_plan_options={"strict": "yes"}), TypeError, "must be True or False")
+for value, error, match in [
+    (torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), TypeError, "must be a callable.*for example"),
+    ("adamw", TypeError, "must be a callable that takes parameter groups \\(for example functools.partial"),
+    (lambda groups: list(groups), TypeError, "returned list, not a torch.optim.Optimizer. It must build"),
+    (
+        lambda groups: torch.optim.SGD(groups[:1], lr=0.1),
+        MisconfigurationException,
+        "dropped some of the parameter groups.*Make `optimizer` pass its argument straight",
+    ),
+    (partial(torch.optim.AdamW, lrr=0.1), TypeError, "raised TypeError.*unexpected keyword.*bind them"),
+    (partial(torch.optim.SGD, lr=-1.0), ValueError, "raised ValueError.*Invalid learning rate.*Make it a callable"),
+]:
+    case("WDMixin", "optimizer", configure, dict(model=Fresh(mixin, optimizer=value)), error, match)
+case("WDMixin", "optimizer", fit, dict(model=Fresh(mixin, optimizer="sgd")), TypeError, "must be a callable")
+for value, error, match in [
+    ("cosine", TypeError, "must be None, a callable taking the optimizer \\(for example"),
+    ({"interval": "step"}, ValueError, "has no 'scheduler' key. Use \\{'scheduler'"),
+    (lambda opt: 3, TypeError, "returned int, which has no step\\(\\); return an LR scheduler"),
+    (torch.optim.lr_scheduler.StepLR, TypeError, "step_size.*bind them with functools.partial"),
+]:
+    case("WDMixin", "scheduler", configure, dict(model=Fresh(mixin, scheduler=value)), error, match)
+case("WDMixin", "scheduler", fit, dict(model=Fresh(mixin, scheduler="cosine")), TypeError, "a callable taking")
+case("WDMixin", "show_decay_plan", configure, dict(model=Fresh(mixin, show_decay_plan="no")), TypeError, "Pass a bool")
+
+# WeightDecayCallback: arguments, then what needs the trainer (at fit start)
+CB = lwd.WeightDecayCallback
+MODES = "use any of the following: 'decoupled', 'lr_ratio', 'independent', 'relative'"
+for value in ("adamw", "Decoupled", 1, None):
+    case("WeightDecayCallback", "mode", CB, dict(mode=value), ValueError, MODES)
+for value, error, match in [
+    ("standard", TypeError, "list of DecayRule, got str.*Pass for example lwd.presets.standard"),
+    (presets.standard, TypeError, "got function.*Pass for example"),
+    ({R("a", 0.1)}, TypeError, "Pass a list, in priority order"),
+    ([R("a", 0.1), None], TypeError, r"`rules\[1\]`.*Build it"),
+    ([R("a", 0.1), R("a", 0.1)], PlanError, "duplicate rule names.*Give every rule a unique `name`"),
+    ([R("a", 0.1, group="g"), R("b", 0.0, group="g")], PlanError, "give one of the rules a different `group`"),
+]:
+    case("WeightDecayCallback", "rules", CB, dict(rules=value), error, match)
+for value in (3, 0, "1", True, 2.5):
+    case("WeightDecayCallback", "ord", CB, dict(ord=value), ValueError, "use any of the following: 1, 2")
+for argument in ("cautious", "log_norms", "log_grad_norm", "log_update_norm"):
+    for value in ("yes", 1, None):
+        case("WeightDecayCallback", argument, CB, {argument: value}, TypeError, "must be True or False.*Pass a bool")
+for kwargs, match in [
+    (dict(mode="relative", source="gradient"), "use any of the following: 'grad', 'params', 'update'"),
+    (dict(mode="decoupled", source="grad"), "only apply to mode='relative'.*Use mode='relative' or drop them"),
+]:
+    case("WeightDecayCallback", "source", CB, kwargs, ValueError, match)
+for kwargs, match in [
+    (dict(mode="relative", metric="l2"), "use any of the following: 'mean_abs', 'rms'"),
+    (dict(mode="independent", metric="rms"), "Use mode='relative' or drop them"),
+]:
+    case("WeightDecayCallback", "metric", CB, kwargs, ValueError, match)
+for value in (3, "cosine", [schedules.Constant()]):
+    case("WeightDecayCallback", "schedule", CB, dict(schedule=value), TypeError, "callable step -> multiplier.*Cosine")
+for callbacks, model, data, error, argument, match in [
+    ([CB()], PlainNet, None, MisconfigurationException, "rules", "not built by `lwd.WDMixin`. Pass `rules=`"),
+    (
+        [CB(rules=presets.standard(0.1))],
+        Fresh(PlainNet, weight_decay=0.01),
+        None,
+        MisconfigurationException,
+        "weight_decay",
+        "decayed twice. Set weight_decay=0.0 for that group",
+    ),
+    ([CB(mode="lr_ratio")], ZeroLrNet, None, MisconfigurationException, "mode", "starts at lr=0.*use mode='decoupled'"),
+    ([CB(schedule=negative)], WDNet, None, MisconfigurationException, "schedule", "returned float -1.0. Fix the sched"),
+    ([CB(schedule=not_a_number)], WDNet, None, MisconfigurationException, "schedule", "finite multiplier >= 0"),
+    (
+        [CB(schedule=schedules.Cosine(start=1.0, end=0.0))],
+        WDNet,
+        Fresh(DataLoader, Endless(), batch_size=2),
+        MisconfigurationException,
+        "schedule",
+        "Cosine without `total_steps`.*Give Cosine\\(total_steps=...\\)",
+    ),
+    (
+        [CB(rules=presets.standard(0.1))],
+        TwoNamedGroups,
+        None,
+        MisconfigurationException,
+        "name",
+        r"named \['same/decay', 'same/no_decay'\].*Give each group a unique `name`",
+    ),
+]:
+    model = model if isinstance(model, Fresh) else Fresh(model)
+    case("WeightDecayCallback", argument, fit, dict(model=model, callbacks=callbacks, data=data), error, match)
+
+# schedules
+for value, error, match in [
+    ("1", TypeError, "must be a number, got str '1'. Pass for example 1.0"),
+    (-0.5, ValueError, "finite and >= 0, got -0.5. Use a finite value >= 0"),
+    (math.nan, ValueError, "Use a finite value"),
+    (True, TypeError, "got bool"),
+]:
+    case("schedules.Constant", "value", schedules.Constant, dict(value=value), error, match)
+for value, error, match in [
+    (0, ValueError, "finite and >= 1, got 0. Use a finite value >= 1, for example 100"),
+    (2.0, TypeError, "must be an int, got float 2.0. Pass for example 100"),
+    (None, TypeError, "must be an int"),
+]:
+    case("schedules.LinearWarmup", "warmup_steps", schedules.LinearWarmup, dict(warmup_steps=value), error, match)
+for value, error, match in [
+    (-1, ValueError, "Use a finite value >= 0"),
+    (math.inf, ValueError, "finite"),
+    ("0", TypeError, "Pass"),
+]:
+    case("schedules.LinearWarmup", "start", schedules.LinearWarmup, dict(warmup_steps=3, start=value), error, match)
+for argument in ("start", "end"):
+    for value, error, match in [
+        (-1.0, ValueError, "Use a finite value >= 0"),
+        (math.nan, ValueError, "finite"),
+        ("1", TypeError, "Pass for example 1.0"),
+    ]:
+        case("schedules.Cosine", argument, schedules.Cosine, {argument: value}, error, match)
+for value, error, match in [
+    (0, ValueError, ">= 1.*for example 100"),
+    (1.5, TypeError, "must be an int.*Pass for example 100"),
+]:
+    case("schedules.Cosine", "total_steps", schedules.Cosine, dict(total_steps=value), error, match)
+
+
+@pytest.mark.parametrize(("owner", "argument", "func", "kwargs", "error", "match"), ROWS)
+def test_bad_input(owner, argument, func, kwargs, error, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Trainer rows write nothing, but keep them out of the repository anyway
+    kwargs = {k: v.build() if isinstance(v, Fresh) else v for k, v in kwargs.items()}
+    watched = [ModuleSnapshot(v) for v in kwargs.values() if isinstance(v, nn.Module)]
+    with pytest.raises(Exception) as info:  # the exact type is checked below
+        func(**kwargs)
+    assert type(info.value) is error, f"{type(info.value).__name__}: {info.value}"
+    message = str(info.value)
+    assert re.search(rf"`{re.escape(argument)}\b", message), f"the message does not name `{argument}`: {message}"
+    assert re.search(match, message), f"{match!r} not in: {message}"
+    assert FIX.search(message), f"the message does not say how to fix it: {message}"
+    for snapshot in watched:
+        snapshot.assert_unchanged()
+
+
+# ---------------------------------------------------------------- the table covers every public argument
+def _parameters(func: Callable[..., Any]) -> list[str]:
+    out = []
+    for p in inspect.signature(func).parameters.values():
+        if p.name in ("self", "cls") or p.kind is inspect.Parameter.VAR_POSITIONAL:
+            continue
+        if p.kind is not inspect.Parameter.VAR_KEYWORD:  # build_param_groups' options: from_module's, added below
+            out.append(p.name)
+    return out
+
+
+def _mixin_attributes() -> list[str]:
+    """The attributes ``WDMixin`` documents as read (its docstring's bullet list) and its init arguments."""
+    documented = re.findall(r"^\s*\* ``(\w+)``:", lwd.WDMixin.__doc__ or "", flags=re.MULTILINE)
+    assert {"decay_rules", "optimizer", "scheduler", "decay_plan_options", "show_decay_plan"} <= set(documented)
+    return documented + _parameters(lwd.WDMixin.__init__)
+
+
+def required_rows() -> set[tuple[str, str]]:
+    required = {("DecayRule", a) for a in _parameters(lwd.DecayRule)}
+    for name in presets.__all__:
+        if not name.startswith("is_"):  # the role predicates are not configuration
+            required |= {(f"presets.{name}", a) for a in _parameters(getattr(presets, name))}
+    plan_options = _parameters(lwd.DecayPlan.from_module)
+    required |= {("DecayPlan.from_module", a) for a in plan_options}
+    required |= {("build_param_groups", a) for a in _parameters(lwd.build_param_groups) + plan_options}
+    required |= {("WeightDecayCallback", a) for a in _parameters(lwd.WeightDecayCallback.__init__)}
+    for name in schedules.__all__:
+        cls = getattr(schedules, name)
+        if name != "Schedule":  # the protocol
+            required |= {(f"schedules.{name}", a) for a in _parameters(cls)}
+    required |= {("WDMixin", a) for a in _mixin_attributes()}
+    return required
+
+
+def test_every_public_argument_has_a_row():
+    covered = {tuple(p.values[:2]) for p in ROWS}
+    missing = sorted(required_rows() - covered)
+    assert not missing, f"bad-input rows missing for {missing}"
+    # unknown strings list the valid choices in every table row for a Literal argument
+    for p in ROWS:
+        owner, argument, _, _, error, match = p.values
+        if owner == "WeightDecayCallback" and argument in ("mode", "ord") and error is ValueError:
+            assert "use any of the following" in match
+
+
+def test_presets_none_takes_no_argument():
+    """``presets.none()`` has no parameter, so it has no row; it returns a rule list that decays nothing."""
+    assert _parameters(presets.none) == []
+    assert [r.weight_decay for r in presets.none()] == [0.0]
+
+
+# ---------------------------------------------------------------- warnings instead of errors
+@pytest.mark.parametrize(
+    "rules",
+    [
+        [R("typo", 0.1, params="*.wieght")],
+        [R("all", 0.1), R("shadowed", 0.2, params="*.bias")],  # an earlier rule claims everything it matches
+        [R("norms", 0.0, modules="*Norm1d*")],
+    ],
+    ids=["nothing-matches", "shadowed", "no-such-class"],
+)
+def test_rule_that_claims_nothing_warns_and_strict_refuses(rules):
+    model = Net()
+    snapshot = ModuleSnapshot(model)
+    with pytest.warns(UserWarning, match=r"claimed no parameter of Net.*`rules`.*`optional=True`"):
+        groups = lwd.build_param_groups(model, rules)
+    # the warning does not stop the plan: every trainable parameter is still in exactly one group
+    planned = [id(p) for g in groups for p in g["params"]]
+    assert sorted(planned) == sorted(id(p) for p in model.parameters())
+    with pytest.raises(PlanError, match="`strict=False`"):
+        lwd.build_param_groups(model, rules, strict=True)
+    optional = [R(r.name, r.weight_decay, params=r.params, modules=r.modules, optional=True) for r in rules]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lwd.build_param_groups(model, optional, strict=True)
+    snapshot.assert_unchanged()
+
+
+def test_optimizer_weight_decay_given_to_the_mixin_warns_and_is_not_applied():
+    model = mixin(optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.5))
+    with pytest.warns(UserWarning, match=r"`optimizer` was given weight_decay=0.5.*Remove it from the optimizer"):
+        optimizer = model.configure_optimizers()
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 0.3]
+
+
+def test_misconfiguration_stops_fit_before_any_step(tmp_path):
+    """A plain optimizer that decays by itself, plus the callback: refused at fit start, nothing touched."""
+    model = PlainNet(weight_decay=0.01)
+    snapshot = ModuleSnapshot(model)
+    watch = Watch()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[lwd.WeightDecayCallback(rules=presets.standard(0.1)), watch],
+    )
+    with pytest.raises(MisconfigurationException, match=r"`weight_decay`=0.01.*decayed twice"):
+        trainer.fit(model, loader())
+    assert watch.groups is not None  # the optimizer had been built ...
+    assert watch.steps == 0 and trainer.global_step == 0  # ... and never stepped
+    assert [groups_snapshot(o) for o in trainer.optimizers] == watch.groups
+    assert trainer.optimizers[0].param_groups[0]["weight_decay"] == 0.01  # no half-done hand-over
+    assert not any(k.startswith("lwd_") for k in trainer.optimizers[0].param_groups[0])
+    snapshot.assert_unchanged()
+
+
+def test_refused_fit_can_be_fixed_and_rerun(tmp_path):
+    """After a refused fit, the same model trains normally once the configuration is fixed."""
+    model = PlainNet(weight_decay=0.01)
+    with pytest.raises(MisconfigurationException):
+        fit(model, [lwd.WeightDecayCallback(rules=presets.standard(0.1))], default_root_dir=tmp_path)
+    model.weight_decay = 0.0
+    before = model.net.fc1.weight.detach().clone()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[lwd.WeightDecayCallback(rules=presets.standard(0.1))],
+    )
+    trainer.fit(model, loader())
+    assert trainer.global_step == 2
+    assert not torch.equal(model.net.fc1.weight, before)

@@ -1,0 +1,202 @@
+"""The ready rule lists against hand-written expectations on architectures nobody here wrote."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_wd as lwd
+from lightning_wd import presets
+from tests.models import (
+    ARCHITECTURES,
+    AttentionNet,
+    GPT2LMHeadModel,
+    MambaLM,
+    TiedTransformerLM,
+    VisionTransformer,
+)
+
+
+def decayed(model: nn.Module, rules: list[lwd.DecayRule]) -> tuple[str, ...]:
+    """Names of the planned parameters that get a non-zero decay, in plan order."""
+    plan = lwd.DecayPlan.from_module(model, rules)
+    return tuple(n for g in plan.groups if g.weight_decay > 0 for n in g.param_names)
+
+
+def all_names(model: nn.Module) -> set[str]:
+    plan = lwd.DecayPlan.from_module(model, presets.none())
+    return {n for g in plan.groups for n in g.param_names}
+
+
+@pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
+def test_standard_decays_exactly_the_linear_weights(cls):
+    got = decayed(cls(), presets.standard(0.05))
+    assert set(got) == set(cls.DECAYED)
+    assert len(got) == len(cls.DECAYED)
+
+
+@pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
+def test_standard_keeps_registration_order(cls):
+    # The hand-written lists are in registration order too.
+    assert decayed(cls(), presets.standard(0.05)) == cls.DECAYED
+
+
+@pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
+def test_gpt_decays_exactly_ndim_ge_2(cls):
+    got = decayed(cls(), presets.gpt(0.1))
+    assert set(got) == set(cls.NDIM2)
+    assert len(got) == len(cls.NDIM2)
+
+
+@pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
+def test_standard_groups_and_everything_planned(cls):
+    model = cls()
+    plan = lwd.DecayPlan.from_module(model, presets.standard(0.05))
+    by_group = {g.name: (g.weight_decay, set(g.param_names)) for g in plan.groups}
+    assert by_group.get("decay", (0.05, set()))[0] == 0.05
+    assert by_group.get("no_decay", (0.0, set()))[0] == 0.0
+    assert set(by_group) <= {"decay", "no_decay"}
+    expected_no_decay = all_names(model) - set(cls.DECAYED)
+    assert by_group.get("no_decay", (0.0, set()))[1] == expected_no_decay
+    # Every trainable tensor exactly once (by identity).
+    planned = [id(p) for g in plan.groups for p in g.params]
+    assert sorted(planned) == sorted({id(p) for p in model.parameters()})
+
+
+class Net(nn.Module):
+    """A neutral root class name: the preset must not depend on what the model is called."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+
+@pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
+def test_standard_derives_from_structure_not_model_names(cls):
+    wrapped = decayed(Net(cls()), presets.standard(0.05))
+    assert wrapped == tuple(f"body.{n}" for n in cls.DECAYED)
+    # A renamed subclass of the root (a model called something else) plans the same.
+    renamed = type("Xyz", (cls,), {})
+    assert decayed(renamed(), presets.standard(0.05)) == cls.DECAYED
+
+
+def test_standard_rule_that_claims_each_role():
+    """Which named rule of `standard` claims each parameter (hand-written)."""
+    plan = lwd.DecayPlan.from_module(TiedTransformerLM(), presets.standard(0.05))
+    rule_of = {e.name: e.rule for e in plan.entries}
+    assert rule_of["tok_embeddings.weight"] == "embedding"  # also reachable as output.weight
+    assert rule_of["layers.0.attention_norm.weight"] == "normalization"
+    assert rule_of["layers.0.ffn_norm.scale"] == "normalization"
+    assert rule_of["norm.weight"] == "normalization"
+    assert rule_of["layers.1.attention.wq.weight"] == "linear"
+
+    plan = lwd.DecayPlan.from_module(VisionTransformer(), presets.standard(0.05))
+    rule_of = {e.name: e.rule for e in plan.entries}
+    for free in ("cls_token", "register_tokens", "pos_embed", "blocks.0.ls1.gamma"):
+        assert rule_of[free] is None  # claimed by no rule: default no_decay group
+    assert rule_of["head.bias"] == "bias"
+    assert rule_of["patch_embed.proj.weight"] == "linear"
+    assert rule_of["patch_embed.proj.bias"] == "bias"
+
+    plan = lwd.DecayPlan.from_module(AttentionNet(), presets.standard(0.05))
+    rule_of = {e.name: e.rule for e in plan.entries}
+    assert rule_of["attn.bias_k"] == rule_of["attn.bias_v"] == rule_of["attn.in_proj_bias"] == "bias"
+
+    plan = lwd.DecayPlan.from_module(MambaLM(), presets.standard(0.05))
+    rule_of = {e.name: e.rule for e in plan.entries}
+    assert rule_of["layers.0.mixer.A_log"] is None
+    assert rule_of["layers.0.mixer.D"] is None
+    assert rule_of["layers.0.mixer.dt_proj.bias"] == "bias"
+
+
+def test_tied_weight_is_an_embedding_whichever_side_registers_first():
+    model = GPT2LMHeadModel()
+    plan = lwd.DecayPlan.from_module(model, presets.standard(0.05))
+    entry = plan.entry("lm_head.weight")
+    assert entry.name == "transformer.wte.weight"
+    assert entry.aliases == ("transformer.wte.weight", "lm_head.weight")
+    assert entry.owners == ("Embedding", "Linear")
+    assert entry.group == "no_decay" and entry.rule == "embedding"
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "owner", "expected"),
+    [
+        ("fc.weight", (4, 4), nn.Linear(4, 4), True),
+        ("fc.bias", (4,), nn.Linear(4, 4), False),
+        ("conv.weight", (4, 3, 3, 3), nn.Conv2d(3, 4, 3), True),
+        ("emb.weight", (10, 4), nn.Embedding(10, 4), False),
+        ("ln.weight", (4,), nn.LayerNorm(4), False),
+        ("x.pos_embed", (1, 5, 4), nn.Module(), False),
+        ("x.cls_token", (1, 1, 4), nn.Module(), False),
+        ("x.relative_position_bias_table", (9, 2), nn.Module(), False),
+        ("x.temperature", (), nn.Module(), False),
+        ("x.logit_scale", (), nn.Module(), False),
+        ("x.latents", (8, 4), nn.Module(), False),
+        ("x.query_tokens", (1, 8, 4), nn.Module(), False),
+        ("x.proj", (4, 4), nn.Module(), True),
+        ("x.text_projection", (4, 4), nn.Module(), True),
+        ("x.wq", (4, 4), nn.Module(), True),
+        ("x.kernel", (3, 3, 4, 4), nn.Module(), True),
+        ("x.weight", (4, 4), nn.Module(), True),
+        ("x.experts", (4, 4, 8), nn.Module(), True),
+        ("x.expert_bias", (4, 8), nn.Module(), False),
+        ("x.mask_token", (1, 1, 4), nn.Module(), False),
+    ],
+)
+def test_is_linear_weight_table(name, shape, owner, expected):
+    param = nn.Parameter(torch.zeros(shape))
+    assert presets.is_linear_weight(name, param, owner) is expected
+
+
+def test_deepspeed_empty_parameters_use_ds_shape():
+    """ZeRO-3 leaves empty tensors with the real shape in ds_shape; presets must read it."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    for p in model.parameters():
+        shape = p.shape
+        p.data = torch.empty(0)
+        p.ds_shape = shape
+        p.ds_numel = shape.numel()
+    assert decayed(model, presets.standard(0.05)) == ("0.weight",)
+    assert decayed(model, presets.gpt(0.1)) == ("0.weight",)
+    plan = lwd.DecayPlan.from_module(model, presets.gpt(0.1))
+    assert plan.entry("0.weight").shape == (4, 4)
+    assert plan.groups[0].numel == 16
+
+
+def test_uniform_and_none():
+    model = TiedTransformerLM()
+    n_params = len({id(p) for p in model.parameters()})
+    (group,) = lwd.build_param_groups(model, presets.uniform(0.01))
+    assert (group["name"], group["weight_decay"], len(group["params"])) == ("all", 0.01, n_params)
+    (group,) = lwd.build_param_groups(model, presets.none())
+    assert (group["name"], group["weight_decay"], len(group["params"])) == ("no_decay", 0.0, n_params)
+
+
+@pytest.mark.parametrize("preset", [presets.standard, presets.gpt, presets.uniform])
+def test_presets_validate_weight_decay(preset):
+    with pytest.raises(ValueError, match="`weight_decay` must be >= 0"):
+        preset(-1.0)
+
+
+def test_presets_code_names_no_model():
+    """`standard` is derived from structure: the preset code (docstrings aside) names no architecture."""
+    tree = ast.parse(inspect.getsource(presets))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+        ):
+            body.pop(0)  # the docstring
+    code = ast.unparse(tree).lower()
+    for model_name in ("gpt", "llama", "t5", "vit", "convnext", "mamba", "bert", "mixtral", "swin", "clip"):
+        hits = {w for w in re.findall(r"[a-z0-9]+", code) if w.startswith(model_name)}
+        assert hits <= {"gpt"}, hits  # the only one allowed: the `gpt` preset's own name
