@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_wd import functional as F
-from lightning_wd.mixin import PLANNED_KEY, WDMixin
+from lightning_wd.mixin import PLANNED_KEY, WDMixin, _resolved
 from lightning_wd.plan import DecayPlan
 from lightning_wd.rules import DecayRule
 from lightning_wd.schedules import Cosine
@@ -323,8 +323,8 @@ class WeightDecayCallback(Callback):
             if self.rules is not None:
                 plan = DecayPlan.from_module(module, self.rules, include_frozen=True)
             else:
-                options = {**dict(getattr(module, "decay_plan_options", {}) or {}), "include_frozen": True}
-                plan = DecayPlan.from_module(module, getattr(module, "decay_rules", None), **options)
+                options = {**dict(_resolved(module, "decay_plan_options") or {}), "include_frozen": True}
+                plan = DecayPlan.from_module(module, _resolved(module, "decay_rules"), **options)
             self._rule_plan = {id(p): (g.name, g.weight_decay) for g in plan.groups for p in g.params}
         return self._rule_plan
 
@@ -492,8 +492,8 @@ class WeightDecayCallback(Callback):
                     self._warn_no_snapshot(bucket)
                 elif wd > 0:
                     step = self._step_size(bucket, wd, pairs)
-                    if found_inf is not None:
-                        step = step * (1.0 - found_inf.to(dtype=torch.float32))
+                    if found_inf is not None:  # a select, not a product: relative m is inf/NaN on overflow
+                        step = torch.where(found_inf.to(dtype=torch.float32) > 0, 0.0, step)
                     if not bucket.checked_precision and isinstance(step, float):
                         _warn_if_rounds_away(bucket, [p[0].dtype for p, _ in pairs], step)
                     for params, before in pairs:

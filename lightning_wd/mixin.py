@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import types
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -30,9 +32,15 @@ def _optimizer_default_wd(factory: Callable[..., Optimizer]) -> tuple[float | No
     while isinstance(func, partial):
         keywords = {**func.keywords, **keywords}
         func = func.func
-    if "weight_decay" in keywords:
-        return float(keywords["weight_decay"]), "given to the optimizer"
-    return None, ""
+    if "weight_decay" not in keywords:
+        return None, ""
+    try:  # LightningCLI fills in the optimizer's own defaults: only a value the user chose is worth a warning
+        default = inspect.signature(func).parameters["weight_decay"].default
+    except (TypeError, ValueError, KeyError):
+        default = inspect.Parameter.empty
+    if keywords["weight_decay"] == default:
+        return None, ""
+    return float(keywords["weight_decay"]), "given to the optimizer"
 
 
 class WDMixin:
@@ -152,6 +160,7 @@ class WDMixin:
                 " optimizer from the parameter groups it is called with."
             )
         _check_all_planned(optimizer, plan)
+        _accept_unnamed_groups(optimizer, self)
         for g in optimizer.param_groups:
             if g.get("lr_scale", 1.0) != 1.0:
                 g["lr"] = g["lr"] * g["lr_scale"]
@@ -202,6 +211,33 @@ def _hand_back_without_callback(module: Any) -> None:
             " which is not bitwise the same as the callback's decoupled decay. Add lwd.WeightDecayCallback() to"
             " `Trainer(callbacks=...)` to keep the callback's decay."
         )
+
+
+def _accept_unnamed_groups(optimizer: Optimizer, module: torch.nn.Module) -> None:
+    """Let a group be added later without ``param_names`` (as ``BaseFinetuning.unfreeze_and_add_param_group`` does).
+
+    torch refuses to mix groups with and without ``param_names`` in one optimizer, and the groups built
+    here have them; so this optimizer's ``add_param_group`` names the parameters of an unnamed group
+    after the module's own names for them before adding it.
+    """
+    if not any("param_names" in g for g in optimizer.param_groups):
+        return
+    module_ref = weakref.ref(module)
+
+    def add_param_group(self: Optimizer, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and "param_names" not in param_group:
+            params = param_group.get("params", [])
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            owner = module_ref()
+            names = {} if owner is None else {id(p): n for n, p in owner.named_parameters(remove_duplicate=False)}
+            param_group = {
+                **param_group,
+                "params": params,
+                "param_names": [names.get(id(p), f"added.{i}") for i, p in enumerate(params)],
+            }
+        type(self).add_param_group(self, param_group)
+
+    optimizer.add_param_group = types.MethodType(add_param_group, optimizer)  # type: ignore[method-assign]
 
 
 def _resolved(module: Any, name: str) -> Any:
