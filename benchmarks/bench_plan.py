@@ -8,7 +8,9 @@ Run from the repository root::
 Each model is a ``ModuleList`` of small ``Linear`` + ``LayerNorm`` blocks (4 tensors per
 block), planned with :func:`lightning_wd.presets.standard`. The script prints a markdown
 table: tensors, median wall seconds and median CPU seconds of the process (steadier on a
-shared machine), and their ratios to the 10k-tensor model.
+shared machine), their ratios to the 10k-tensor model, and for scale the CPU seconds of
+torch's own ``list(model.named_parameters())`` over the same model with the plan's multiple
+of it (constant when the plan scales like torch's own walk).
 """
 
 from __future__ import annotations
@@ -41,19 +43,23 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(Block() for _ in range(n_tensors // 4))
 
 
-def time_plan(n_tensors: int, repeat: int) -> tuple[float, float]:
-    """Median wall and CPU seconds of ``DecayPlan.from_module`` over ``repeat`` runs (after one warm-up)."""
+def time_plan(n_tensors: int, repeat: int) -> tuple[float, float, float]:
+    """Median wall and CPU seconds of ``DecayPlan.from_module`` over ``repeat`` runs (after one warm-up),
+    and median CPU seconds of ``list(model.named_parameters())``."""
     model = Stack(n_tensors)
     rules = lwd.presets.standard(0.05)
     assert sum(1 for _ in model.parameters()) == n_tensors
     lwd.DecayPlan.from_module(model, rules)
-    wall, cpu = [], []
+    wall, cpu, walk = [], [], []
     for _ in range(repeat):
         start, start_cpu = time.perf_counter(), time.process_time()
         lwd.DecayPlan.from_module(model, rules)
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+        start_cpu = time.process_time()
+        list(model.named_parameters())
+        walk.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu), statistics.median(walk)
 
 
 def main() -> None:
@@ -67,12 +73,15 @@ def main() -> None:
     machine = platform.processor() or platform.machine()
     print(f"machine: {machine}, torch {torch.__version__}, lightning_wd {lwd.__version__}")
     print()
-    print("| tensors | wall s (median) | wall ratio to 10k | CPU s (median) | CPU ratio to 10k |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    for n, (wall, cpu) in results.items():
+    print(
+        "| tensors | wall s (median) | wall ratio to 10k | CPU s (median) | CPU ratio to 10k"
+        " | named_parameters() CPU s | plan / named_parameters() |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n, (wall, cpu, walk) in results.items():
         wall_ratio = f"{wall / ref[0]:.2f}" if ref else "n/a"
         cpu_ratio = f"{cpu / ref[1]:.2f}" if ref else "n/a"
-        print(f"| {n:,} | {wall:.4f} | {wall_ratio} | {cpu:.4f} | {cpu_ratio} |")
+        print(f"| {n:,} | {wall:.4f} | {wall_ratio} | {cpu:.4f} | {cpu_ratio} | {walk:.4f} | {cpu / walk:.1f} |")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ __all__ = ["DecayPlan", "ParamEntry", "PlanGroup", "build_param_groups"]
 _WRAPPER_ATTRS = frozenset(
     {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_forward_module", "_original_module"}
 )
+#: A raw parametrized name, ``<x.>parametrizations.<tensor>.original[N]``.
+_RAW_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original(\d*)$")
 #: Wrappers that hold the wrapped module as ``module``.
 _MODULE_WRAPPERS = frozenset({"DistributedDataParallel", "DataParallel", "DeepSpeedEngine"})
 #: One planned parameter: (parameter, [(canonical alias, owner module)], rule name, group, marked).
@@ -187,12 +189,17 @@ class _Frame:
         self.parent = parent
 
 
-def _scan(module: nn.Module, marks: _Marks | None) -> tuple[list[nn.Parameter], dict[int, list[tuple[str, nn.Module]]]]:
+def _scan(
+    module: nn.Module, marks: _Marks | None
+) -> tuple[list[nn.Parameter], dict[int, list[tuple[str, nn.Module]]], bool]:
     """Walk every path to every submodule once, in registration order (as ``named_modules(remove_duplicate=False)``).
 
-    Returns the parameters (first occurrence order) and, by ``id``, every canonical name under
-    which each is reachable with the module holding it. Collects hook names into ``marks``.
+    Returns the parameters (first occurrence order); by ``id``, every canonical name under
+    which each is reachable with the module holding it; and whether any name was canonicalised
+    (a wrapper dropped, a parametrization unwrapped: only then can two tensors share a name).
+    Collects hook names into ``marks``.
     """
+    renamed = False
     order: list[nn.Parameter] = []
     aliases: dict[int, list[tuple[str, nn.Module]]] = {}
     stack = [_Frame(module, "", "", None)]
@@ -206,6 +213,7 @@ def _scan(module: nn.Module, marks: _Marks | None) -> tuple[list[nn.Parameter], 
             for attr, child in reversed(children.items()):
                 if child is not None:
                     drop = attr in _WRAPPER_ATTRS or (drop_module and attr == "module")
+                    renamed = renamed or drop
                     stack.append(_Frame(child, prefix if drop else _join(prefix, attr), attr, frame))
 
         if marks is not None:
@@ -226,6 +234,7 @@ def _scan(module: nn.Module, marks: _Marks | None) -> tuple[list[nn.Parameter], 
             # <x>.parametrizations.<tensor>.original[N] -> <x>.<tensor>[.originalN], owned by <x>
             owner = holder.parent.module
             base = _join(holder.parent.prefix, frame.attr)
+            renamed = True
             named = [(base if pname == "original" else f"{base}.{pname}", p) for pname, p in params.items()]
         else:
             named = [(f"{prefix}.{pname}" if prefix else pname, p) for pname, p in params.items()]
@@ -241,7 +250,7 @@ def _scan(module: nn.Module, marks: _Marks | None) -> tuple[list[nn.Parameter], 
             _check_param(canon, param)
             aliases[key] = [(canon, owner)]
             order.append(param)
-    return order, aliases
+    return order, aliases, renamed
 
 
 def _read_hook(mod: nn.Module, hook: str, prefix: str, marks: _Marks) -> None:
@@ -297,14 +306,20 @@ class DecayPlan:
         unclaimed_rules: tuple[str, ...],
         frozen: tuple[str, ...],
         records: list[_Record],
-        index: dict[str, int],
+        index: dict[str, int] | None = None,
     ) -> None:
         self.rules = rules
         self.groups = groups
         self.unclaimed_rules = unclaimed_rules
         self.frozen = frozen
         self._records = records
-        self._index = index
+        if index is not None:
+            self._index = index
+
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        """Canonical alias -> position in ``_records`` (built on first lookup)."""
+        return {alias: i for i, (_, names, *_rest) in enumerate(self._records) for alias, _ in names}
 
     @functools.cached_property
     def entries(self) -> tuple[ParamEntry, ...]:
@@ -404,7 +419,7 @@ class DecayPlan:
         # 1. Every parameter once, with all its aliases and owners, in registration order; the
         #    no_weight_decay() hooks are read on the same walk.
         marks = _Marks() if respect_no_weight_decay else None
-        order, aliases = _scan(module, marks)
+        order, aliases, renamed = _scan(module, marks)
 
         # 2. Group settings, checked for conflicts before anything is assigned.
         group_settings: dict[str, tuple[float, float, str]] = {}
@@ -435,7 +450,8 @@ class DecayPlan:
         member_names: dict[str, list[str]] = {}
         group_rules: dict[str, dict[str, None]] = {}
         records: list[_Record] = []
-        index: dict[str, int] = {}
+        # Distinct paths give distinct names unless canonicalisation merged some: check only then.
+        index: dict[str, int] | None = {} if renamed else None
         for p in order:
             names = aliases[id(p)]
             if not (include_frozen or p.requires_grad):
@@ -472,13 +488,15 @@ class DecayPlan:
             members.setdefault(group, []).append(p)
             member_names.setdefault(group, []).append(names[0][0])
             group_rules.setdefault(group, {})[label] = None
-            i = len(records)
-            for alias, _ in names:
-                if index.setdefault(alias, i) != i:
-                    raise PlanError(
-                        f"Two different parameters have the canonical name {alias!r}. Rename one of the modules"
-                        " (a submodule called 'module' or '_orig_mod' beside a wrapper is the usual cause)."
-                    )
+            if index is not None:
+                i = len(records)
+                for alias, _ in names:
+                    if index.setdefault(alias, i) != i:
+                        raise PlanError(
+                            f"Two different parameters have the canonical name {alias!r}. Rename one of the"
+                            " modules (a submodule called 'module' or '_orig_mod' beside a wrapper is the usual"
+                            " cause)."
+                        )
             records.append((p, names, rule_name, group, marked))
         frozen = tuple(frozen_names)
         if not records:
@@ -562,10 +580,16 @@ class DecayPlan:
         frozen = " It is frozen (requires_grad=False) and so not planned." if name in self.frozen else ""
         raise KeyError(f"No planned parameter is named {name!r}.{frozen}")
 
+    @functools.cached_property
+    def _group_of(self) -> dict[int, PlanGroup]:
+        return {id(p): g for g in self.groups for p in g.params}
+
     def _find(self, name: str) -> int | None:
         i = self._index.get(name)
         if i is None:
+            # A raw name: drop wrapper prefixes and unwrap `x.parametrizations.weight.original[N]`.
             stripped = ".".join(c for c in name.split(".") if c not in _WRAPPER_ATTRS and c != "module")
+            stripped = _RAW_PARAMETRIZED.sub(lambda m: m[1] + m[2] + (f".original{m[3]}" if m[3] else ""), stripped)
             i = self._index.get(stripped)
         return i
 
@@ -580,7 +604,7 @@ class DecayPlan:
         """
         e = self.entry(name)
         param, names = self._records[self._index[e.name]][:2]
-        group = next(g for g in self.groups if any(p is param for p in g.params))
+        group = self._group_of[id(param)]
         if e.marked:
             why = "marked no-decay by a `_no_weight_decay` flag or a `no_weight_decay()` hook"
         elif e.rule is None:

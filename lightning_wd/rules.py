@@ -14,7 +14,7 @@ import importlib
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from torch import Tensor, nn
@@ -386,8 +386,16 @@ class DecayRule:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            object.__setattr__(self, key, value)
+        # Unpickled, perhaps from a checkpoint's hyper-parameters: the declared fields only, validated again.
+        declared = fields(self)
+        unknown = sorted(set(state) - {f.name for f in declared})
+        if unknown:
+            raise ValueError(f"DecayRule state has unknown fields {unknown}; it was not written by DecayRule.")
+        for f in declared:
+            if f.name not in state and f.default is MISSING:
+                raise ValueError(f"DecayRule state lacks `{f.name}`; it was not written by DecayRule.")
+            object.__setattr__(self, f.name, state.get(f.name, f.default))
+        self.__post_init__()
 
 
 _CLASS_NAMES: dict[type, tuple[tuple[str, str], ...]] = {}

@@ -297,3 +297,22 @@ def test_optimizer_factory_with_its_own_weight_decay_warns():
 def test_bad_optimizer_factories(optimizer, error, match):
     with pytest.raises(error, match=match):
         LitWD(optimizer=optimizer).configure_optimizers()
+
+
+def test_resuming_does_not_scale_the_lr_twice(tmp_path):
+    """The resumed optimizer takes the checkpoint's (already scaled, already scheduled) lrs."""
+    scheduler = {"scheduler": partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5), "interval": "step"}
+
+    def make() -> LitWD:
+        return LitWD(optimizer=partial(torch.optim.SGD, lr=0.1), scheduler=scheduler, decay_rules=SCALED_RULES)
+
+    first = trainer(tmp_path, max_steps=2)
+    first.fit(make())
+    path = tmp_path / "scaled.ckpt"
+    first.save_checkpoint(path)
+    recorder = RecordLRs()
+    trainer(tmp_path, max_steps=4, callbacks=[recorder]).fit(make(), ckpt_path=path, weights_only=False)
+    assert recorder.per_step == [
+        pytest.approx([0.0025, 0.025, 0.025]),
+        pytest.approx([0.00125, 0.0125, 0.0125]),
+    ]

@@ -23,6 +23,7 @@ from torch import nn
 import lightning_wd as lwd
 from lightning_wd import presets
 from lightning_wd.plan import PlanError
+from tests.helpers import RunIf
 from tests.models import (
     CheckpointWrapper,
     DistributedDataParallel,
@@ -531,6 +532,7 @@ def planned_names(model: nn.Module) -> list[str]:
     return [n for g in lwd.DecayPlan.from_module(model, presets.none()).groups for n in g.param_names]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own imports on first use of torch.compile
 def test_torch_compile_prefix_is_stripped():
     compiled = torch.compile(TinyNet())  # only wrapped: nothing is compiled until a forward
     assert any(n.startswith("_orig_mod.") for n, _ in compiled.named_parameters())
@@ -729,3 +731,69 @@ def test_default_rules_are_standard():
     assert signature(lwd.DecayPlan.from_module(TiedTransformerLM())) == signature(
         lwd.DecayPlan.from_module(TiedTransformerLM(), presets.standard())
     )
+
+
+class FabricModuleLike(nn.Module):
+    """Fabric's wrapper holds the model twice: `_forward_module` (maybe DDP-wrapped) and `_original_module`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._forward_module = DistributedDataParallel(module)
+        self._original_module = module
+
+
+def test_fabric_style_wrapper_holding_the_model_twice():
+    model = FabricModuleLike(TinyNet())
+    assert planned_names(model) == TINY_NAMES
+    plan = lwd.DecayPlan.from_module(model, presets.standard(0.1))
+    assert plan.entry("fc1.weight").aliases == ("fc1.weight",)
+
+
+def test_parametrized_root_module():
+    model = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4))
+    plan = lwd.DecayPlan.from_module(model, presets.standard(0.1))
+    assert [(g.name, g.param_names) for g in plan.groups] == [("no_decay", ("bias",)), ("decay", ("weight",))]
+    assert plan.entry("parametrizations.weight.original").name == "weight"  # raw name works too
+    assert plan.entry("weight").owners == ("ParametrizedLinear",)  # torch swaps in a subclass
+
+
+class BrokenHook(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def no_weight_decay(self) -> list[str]:
+        raise RuntimeError("boom")
+
+
+def test_a_failing_no_weight_decay_hook_is_named():
+    model = Holder()
+    model.inner = BrokenHook()
+    with pytest.raises(PlanError, match=r"`BrokenHook.no_weight_decay\(\)` \(module 'inner'\) raised RuntimeError"):
+        lwd.DecayPlan.from_module(model)
+
+
+def test_hooks_can_be_switched_off():
+    model = Holder()
+    model.inner = BrokenHook()
+    plan = lwd.DecayPlan.from_module(model, presets.none(), respect_no_weight_decay=False)
+    assert plan.groups[0].param_names == ("inner.fc.weight", "inner.fc.bias")
+
+
+def test_two_tensors_with_one_canonical_name_are_refused():
+    ddp = DistributedDataParallel(TinyNet())
+    ddp.fc1 = nn.Linear(4, 4)  # 'module.fc1.weight' and 'fc1.weight' both canonicalise to 'fc1.weight'
+    with pytest.raises(PlanError, match=r"Two different parameters have the canonical name 'fc1.weight'"):
+        lwd.DecayPlan.from_module(ddp)
+
+
+@RunIf(cuda=True)
+def test_plan_of_a_cuda_model_holds_the_cuda_tensors():
+    model = TinyNet().cuda()
+    groups = lwd.build_param_groups(model, presets.standard(0.1))
+    assert [(g["name"], g["param_names"]) for g in groups] == [
+        ("no_decay", ["fc1.bias", "norm.weight", "norm.bias", "fc2.bias"]),
+        ("decay", ["fc1.weight", "fc2.weight"]),
+    ]
+    assert all(p.is_cuda for g in groups for p in g["params"])
+    torch.optim.AdamW(groups, lr=1e-3, fused=True)
