@@ -53,7 +53,8 @@ _HOW_TO_READ = """How to read these panels
 • Timescale 1/(η·λ): optimizer steps for the decay alone to
   shrink the weights by 1/e. Far above the dashed run length,
   the decay barely acted; far below, it dominates training.
-  It rises as the learning rate η is annealed."""
+  With mode="decoupled" it follows 1/η: it rises as the
+  learning rate is annealed."""
 
 _PLOT_HINT = "pip install 'lightning-wd[plot]'"
 _EVENT_PREFIX = "events.out.tfevents."

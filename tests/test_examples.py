@@ -230,8 +230,8 @@ def test_python_m_and_console_script() -> None:
     script = shutil.which("lightning-wd")
     if script is None:
         pytest.skip("the lightning-wd console script is not on PATH (package not installed with pip)")
-    proc = _run([script, "explain", "tests/cli_models.py:Nope"])
-    assert proc.returncode == 2 and "has no attribute 'Nope'. Did you mean 'Net'" in proc.stderr, proc.stderr
+    proc = _run([script, "explain", "tests/cli_models.py:Nett"])
+    assert proc.returncode == 2 and "has no attribute 'Nett'. Did you mean 'Net'" in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------------------- lightning-wd plot
