@@ -203,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved A/B/C rounds")
+    parser.add_argument(
+        "--steps", type=int, default=50, help="timed steps per run (>= 40 includes the logged step 49 in B)"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved A/B/C rounds")
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny model, 1 round of 5 steps")
     args = parser.parse_args(argv)
 

@@ -7,11 +7,20 @@ a ``LightningModule`` mixin that turns the plan into ``configure_optimizers``
 L1 or cautious decay after every real optimizer step (:class:`WeightDecayCallback`).
 """
 
+import torch
+
 from lightning_wd import functional, presets, schedules
 from lightning_wd.callback import WeightDecayCallback
 from lightning_wd.mixin import WDMixin
 from lightning_wd.plan import DecayPlan, PlanError, build_param_groups
 from lightning_wd.rules import DecayRule
+
+# Rules saved with a module's hyper-parameters (`save_hyperparameters()` with a `decay_rules` argument)
+# must load under `torch.load(weights_only=True)`, Lightning's default: the rule class (validated again
+# on unpickling) and the preset predicates (pure functions) are safe to allow.
+torch.serialization.add_safe_globals(
+    [DecayRule, presets.is_bias, presets.is_embedding, presets.is_linear_weight, presets.is_normalization]
+)
 
 __version__ = "0.1.0"
 

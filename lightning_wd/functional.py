@@ -62,9 +62,10 @@ def _factor(value: float, tensors: list[Tensor]) -> Step:
 
     On CPU, ``torch._foreach_mul*`` with a Python number wraps it into a new tensor for every
     tensor of the list, which dominates the cost for many small tensors; a 0-dim tensor of the
-    list's own dtype is passed as it is, and gives bit-identical products for float32 and float64
-    (the number is rounded to that dtype either way). Elsewhere (other devices or dtypes, plain
-    tensor subclasses excepted) the number is kept.
+    list's own dtype is passed as it is, and gives bit-identical results for float32 and float64
+    (the number is rounded to that dtype either way). Everywhere else (other devices, reduced
+    precisions, which compute with a Python number in float32, mixed dtypes, tensor subclasses)
+    the number is kept.
     """
     first = tensors[0]
     dtype = first.dtype

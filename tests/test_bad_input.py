@@ -672,3 +672,54 @@ def test_refused_fit_can_be_fixed_and_rerun(tmp_path):
     trainer.fit(model, loader())
     assert trainer.global_step == 2
     assert not torch.equal(model.net.fc1.weight, before)
+
+
+# ---------------------------------------------------------------- nothing is evaluated as code
+CODE = "__import__('pathlib').Path('{marker}').touch()"
+
+
+@pytest.mark.parametrize("path", ["os.system", "os.path.join", "builtins.eval", "subprocess.run", "math.pi", "os.path"])
+def test_import_paths_resolve_only_classes_and_are_never_called(path, monkeypatch):
+    """A dotted path in ``modules`` may name a module class, nothing else; what it names is never called."""
+    import builtins
+    import os
+    import subprocess
+
+    called: list[Any] = []
+
+    def recorder(*args: Any, **kwargs: Any) -> None:
+        called.append(args)
+
+    monkeypatch.setattr(os, "system", recorder)
+    monkeypatch.setattr(builtins, "eval", recorder)
+    monkeypatch.setattr(subprocess, "run", recorder)
+    with pytest.raises(TypeError, match=r"not a class\. Import paths may only name module classes"):
+        R("r", 0.1, modules=path)
+    assert called == []
+
+
+@pytest.mark.parametrize("field", ["name", "group", "modules", "params", "predicate"])
+def test_strings_that_look_like_code_are_never_evaluated(field, tmp_path):
+    """Rule fields from a config file are data: a Python expression in any of them runs nothing."""
+    marker = tmp_path / "pwned"
+    code = CODE.format(marker=marker)
+    kwargs: dict[str, Any] = {"name": "r", "weight_decay": 0.1, field: code}
+    try:
+        rule = R(**kwargs)
+    except (TypeError, ValueError):
+        pass  # refused: names, groups and predicates are not expressions; the path does not import
+    else:
+        assert field == "params"  # a glob: it matches no name, so it claims nothing
+        with pytest.warns(UserWarning, match="claimed no parameter"):
+            lwd.build_param_groups(Net(), [rule])
+    assert not marker.exists()
+
+
+def test_patterns_are_length_limited():
+    """Globs and compiled expressions over 256 characters are refused (no pathological matching)."""
+    for kwargs in (dict(params="*" * 10_000), dict(modules="*" * 10_000), dict(params=re.compile("a?" * 5_000))):
+        with pytest.raises(ValueError, match=r"longer than the limit of 256 characters"):
+            R("r", 0.1, **kwargs)
+    # at the limit a glob of many stars still matches in linear time (fnmatch's translation backtracks little)
+    rule = R("r", 0.1, params="*a" * 120 + "b")
+    assert not rule.matches_name("a" * 300)
