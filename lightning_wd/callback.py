@@ -177,7 +177,7 @@ class WeightDecayCallback(Callback):
         >>> lwd.WeightDecayCallback(mode="adamw")
         Traceback (most recent call last):
         ...
-        ValueError: `mode` must be one of ['decoupled', 'lr_ratio', 'independent', 'relative'], got 'adamw'; use any of the following: 'decoupled', 'lr_ratio', 'independent', 'relative'.
+        ValueError: `mode` must be one of ['decoupled', 'lr_ratio', 'independent', 'relative'], got 'adamw'; ...
     """
 
     def __init__(
@@ -302,10 +302,12 @@ class WeightDecayCallback(Callback):
                 " WeightDecayCallback(rules=lwd.presets.standard(0.05))) or build the optimizer with WDMixin."
             )
         # Plan everything first, check it, and only then touch the optimizers: an error leaves them as they were.
-        states = [_OptimizerState(optimizer=o, prefix=p, owned=w) for o, p, w in zip(optimizers, prefixes, owns)]
+        states = [
+            _OptimizerState(optimizer=o, prefix=p, owned=w) for o, p, w in zip(optimizers, prefixes, owns, strict=True)
+        ]
         planned = [self._plan_buckets(s, fit_start=True) for s in states]
-        _check_unique_names([st.prefix + b.name for st, (bs, _) in zip(states, planned) for b in bs])
-        for state, (buckets, handover) in zip(states, planned):
+        _check_unique_names([st.prefix + b.name for st, (bs, _) in zip(states, planned, strict=True) for b in bs])
+        for state, (buckets, handover) in zip(states, planned, strict=True):
             self._install(state, buckets, handover)
         loaded = self._loaded_steps or []
         for i, state in enumerate(states):
@@ -355,7 +357,7 @@ class WeightDecayCallback(Callback):
                 by_rule.setdefault(plan.get(id(p), ("unplanned", 0.0)), []).append(p)
             decays = any(wd > 0 for _, wd in by_rule)
             if decays and own_wd:
-                if state.owned or not fit_start and self._module is not None and isinstance(self._module, WDMixin):
+                if state.owned or (not fit_start and isinstance(self._module, WDMixin)):
                     rank_zero_warn(
                         f"Optimizer group {label!r} was added with the optimizer's own weight_decay={own_wd}; its"
                         " decay now comes from the decay rules through WeightDecayCallback, so the optimizer's"
@@ -578,7 +580,7 @@ class WeightDecayCallback(Callback):
         if tensors:
             device = tensors[0][1].device
             stacked = torch.stack([v.detach().float().to(device) for _, v in tensors]).tolist()  # one host sync
-            values.update({k: float(x) for (k, _), x in zip(tensors, stacked)})
+            values.update({k: float(x) for (k, _), x in zip(tensors, stacked, strict=True)})
         out = {f"wd/{state.prefix}{k}": values[k] for k in keys}
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
@@ -627,7 +629,7 @@ def _check_schedule(schedule: Callable[[int], float], step: int) -> None:
 
 
 def _optimizer_prefixes(optimizers: Sequence[Optimizer]) -> list[str]:
-    """'' for a single optimizer, else '<ClassName>/' with '-k' suffixes for repeated classes (as LearningRateMonitor)."""
+    """'' for one optimizer, else '<ClassName>/', '-k' suffixed for repeated classes (as LearningRateMonitor)."""
     if len(optimizers) == 1:
         return [""]
     seen: dict[str, int] = {}

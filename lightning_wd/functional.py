@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import repeat
 from operator import attrgetter, is_
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 #: A step size: a Python number or a 0-dim tensor.
-Step = Union[float, Tensor]
+Step = float | Tensor
 
 
 def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
@@ -262,4 +262,3 @@ def rms(tensors: Sequence[Tensor], numel: int | None = None) -> Tensor:
         raise ValueError("`tensors` is empty; a mean needs at least one tensor.")
     n = max(numel if numel is not None else _numel(tensors), 1)
     return _norms(tensors, 2.0).square().sum().div(n).sqrt()
-

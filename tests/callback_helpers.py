@@ -245,9 +245,7 @@ class StepRecorder(Callback):
                 for n in params:
                     expected[n] = before[n]
                 continue
-            stepped = {
-                n: before[n] - lrs[n] * grads[n] if grads[n] is not None else before[n] for n in params
-            }
+            stepped = {n: before[n] - lrs[n] * grads[n] if grads[n] is not None else before[n] for n in params}
             mult = 1.0 if self.schedule is None else self.schedule(t)
             wds = {n: self.wds.get(n, 0.0) * mult for n in params}
             decayed = reference_decay(stepped, before, grads, wds, lrs, {n: self.lr0[n] for n in params}, **self.kw)

@@ -106,7 +106,9 @@ def test_cosine_total_steps_from_trainer(tmp_path):
     assert cb.state_dict()["total_steps"] == 7
 
 
-def test_two_optimizers_manual_optimization(tmp_path, ):
+def test_two_optimizers_manual_optimization(
+    tmp_path,
+):
     """Each optimizer decays on its own steps; b steps every other batch with its own lr."""
     rules = lwd.presets.standard(WD)
     recorder = StepRecorder({"net.fc1.weight": WD, "net.fc2.weight": WD}, mode="decoupled")
