@@ -1,7 +1,7 @@
 """Shared pytest configuration.
 
 * Hypothesis: the ``lwd`` profile runs ``LWD_HYPOTHESIS_EXAMPLES`` examples per property
-  (default 150) without a deadline (building torch modules has uneven timing).
+  (default 300) without a deadline (building torch modules has uneven timing).
 * Tests marked ``cuda`` are skipped on machines without a CUDA device.
 * ``tests`` is a package (``tests/__init__.py``): test modules import shared models with
   ``from tests.models import ...`` under plain ``python -m pytest`` from the repository root.
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "lwd",
-    max_examples=int(os.environ.get("LWD_HYPOTHESIS_EXAMPLES", "150")),
+    max_examples=int(os.environ.get("LWD_HYPOTHESIS_EXAMPLES", "300")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
