@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,6 +21,22 @@ import lightning_wd as lwd
 
 LR = 0.1
 WD = 0.3
+
+
+def trainer(root: Path, callbacks: list, **kw: Any) -> L.Trainer:
+    """A quiet single-process CPU trainer (no logger, checkpoints or progress bar unless given in ``kw``)."""
+    options: dict[str, Any] = dict(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        default_root_dir=root,
+    )
+    options.update(kw)
+    return L.Trainer(callbacks=callbacks, **options)
 
 
 def make_data(n: int = 40, seed: int = 0) -> TensorDataset:

@@ -26,24 +26,10 @@ from tests.callback_helpers import (
     WDNet,
     decaying_lr,
     loader,
+    trainer,
 )
 
 WDS = dict.fromkeys(DECAYED, WD)
-
-
-def trainer(tmp_path: Path, callbacks: list, **kw) -> L.Trainer:
-    options = dict(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        default_root_dir=tmp_path,
-    )
-    options.update(kw)
-    return L.Trainer(callbacks=callbacks, **options)
 
 
 step_scheduler = {"scheduler": partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=decaying_lr), "interval": "step"}

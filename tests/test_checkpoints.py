@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -26,25 +25,10 @@ from torch import Tensor, nn
 
 import lightning_wd as lwd
 from lightning_wd import schedules
-from tests.callback_helpers import DECAYED, WD, Net, PlainNet, StepRecorder, TwoOptNet, WDNet, loader
+from tests.callback_helpers import DECAYED, WD, Net, PlainNet, StepRecorder, TwoOptNet, WDNet, loader, trainer
 
 WDS = dict.fromkeys(DECAYED, WD)
 PLAIN = (type(None), bool, int, float, str, Tensor)
-
-
-def trainer(root: Path, callbacks: list, **kw: Any) -> L.Trainer:
-    options: dict[str, Any] = dict(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        default_root_dir=root,
-    )
-    options.update(kw)
-    return L.Trainer(callbacks=callbacks, **options)
 
 
 def assert_plain(value: Any, where: str = "") -> None:

@@ -33,24 +33,9 @@ from torch.utils.data import DataLoader
 
 import lightning_wd as lwd
 from lightning_wd import schedules
-from tests.callback_helpers import DECAYED, LR, WD, Net, StepRecorder, WDNet, loader, make_data
+from tests.callback_helpers import DECAYED, LR, WD, Net, StepRecorder, WDNet, loader, make_data, trainer
 
 WDS = dict.fromkeys(DECAYED, WD)
-
-
-def trainer(tmp_path: Path, callbacks: list, **kw: Any) -> L.Trainer:
-    options: dict[str, Any] = dict(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        default_root_dir=tmp_path,
-    )
-    options.update(kw)
-    return L.Trainer(callbacks=callbacks, **options)
 
 
 def params_of(model: nn.Module) -> dict[str, Tensor]:
