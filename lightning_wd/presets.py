@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_wd.rules import DecayRule, _class_names, param_ndim
+from lightning_wd.rules import DecayRule, param_ndim
 
 __all__ = ["gpt", "is_bias", "is_embedding", "is_linear_weight", "is_normalization", "none", "standard", "uniform"]
 
@@ -36,6 +36,7 @@ _NO_DECAY_WORDS = re.compile(
     r"scale\w*|gamma\w*|beta|alpha|temperature|temp|tau|log\w*|bias\w*|offset\w*|shift|codebook\w*|"
     r"memory|mem|anchor\w*|prior\w*|freq\w*|inv|mean|std|var)$"
 )
+_GENERIC_WORDS = frozenset({"weight", "weights", "kernel"})
 _WEIGHT_WORDS = re.compile(r"^(weight|weights|kernel|proj|projection|w\d*|wq|wk|wv|wo|router|gate|experts?)$")
 
 
@@ -74,11 +75,15 @@ _CLASS_FLAGS: dict[tuple[type, str], bool] = {}
 
 
 def _class_named(cls: type, pattern: re.Pattern[str]) -> bool:
-    """Whether the class or a base class has a bare name matching ``pattern`` (cached per class)."""
+    """Whether the class or a base *module* class has a bare name matching ``pattern`` (cached per class).
+
+    Mixins that are not modules say nothing about a module's role: transformers' ``PreTrainedModel``
+    inherits ``EmbeddingAccessMixin``, which would make every model class look like an embedding.
+    """
     key = (cls, pattern.pattern)
     hit = _CLASS_FLAGS.get(key)
     if hit is None:
-        hit = any(pattern.search(name) for name, _ in _class_names(cls))
+        hit = any(pattern.search(k.__name__) for k in cls.__mro__ if issubclass(k, nn.Module))
         if len(_CLASS_FLAGS) < 8192:
             _CLASS_FLAGS[key] = hit
     return hit
@@ -180,14 +185,24 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
         return "weight" in words
     if not words:
         return False
-    if words[0] in ("weight", "weights", "kernel") or words[-1] in ("weight", "weights", "kernel"):
-        return not any(_NO_DECAY_WORDS.match(w) for w in words if w not in ("weight", "weights"))
-    if any(_NO_DECAY_WORDS.match(w) for w in words):
+    shape = getattr(param, "ds_shape", None) or param.shape
+    if sum(1 for n in shape if n != 1) <= 1:
+        # A vector held in a broadcastable shape, such as the (1, 1, 1, C) gain of ConvNeXt-V2's
+        # Global Response Normalization: an elementwise scale or offset, not the matrix of a map.
         return False
-    if any(_WEIGHT_WORDS.match(w) for w in words):
+    # The head of a compound name is its last word: "prompts_visual_projection" is a projection,
+    # "relative_position_bias_table" a table, "pos_embed_weight" an embedding. The last word with a
+    # known role decides; the generic "weight"/"kernel" only when no other word has one ("static_weight").
+    for word in reversed(words):
+        if word in _GENERIC_WORDS:
+            continue
+        if _NO_DECAY_WORDS.match(word):
+            return False
+        if _WEIGHT_WORDS.match(word):
+            return True
+    if any(word in _GENERIC_WORDS for word in words):
         return True
     # A stack of matrices with a leading expert axis (fused mixture-of-experts weights).
-    shape = getattr(param, "ds_shape", None) or param.shape
     return param_ndim(param) >= 3 and shape[0] > 1
 
 

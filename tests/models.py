@@ -592,6 +592,56 @@ class NormZoo(nn.Module):
         self.prelu = nn.PReLU(4)
 
 
+# --------------------------------------------------------------------------------------------
+# Hugging Face-style dual encoder: the model class inherits a non-module mixin whose name says
+# "Embedding" (as transformers' PreTrainedModel does), and holds a free projection matrix and a
+# temperature; a ConvNeXt-V2 block whose Global Response Normalization keeps its gain and offset
+# as (1, 1, 1, C) tensors named weight/bias.
+# --------------------------------------------------------------------------------------------
+class EmbeddingAccessMixin:
+    """Not a module: a mixin of accessors, as libraries put in their model base classes."""
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.token_embedding  # type: ignore[attr-defined,no-any-return]
+
+
+class PreTrainedModelLike(nn.Module, EmbeddingAccessMixin):
+    pass
+
+
+class DualEncoderModel(PreTrainedModelLike):
+    DECAYED = ("prompts_visual_projection", "text_encoder.weight", "vision_encoder.weight")
+    NDIM2 = ("prompts_visual_projection", "token_embedding.weight", "text_encoder.weight", "vision_encoder.weight")
+
+    def __init__(self, dim: int = D, vocab: int = 11) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab, dim)
+        self.text_encoder = nn.Linear(dim, dim)
+        self.prompts_visual_projection = nn.Parameter(torch.randn(dim, 2 * dim))
+        self.vision_encoder = nn.Linear(2 * dim, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(2.6592))
+
+
+class ConvNextV2GRN(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+
+class ConvNextV2Block(nn.Module):
+    DECAYED = ("dwconv.weight", "pwconv1.weight", "pwconv2.weight")
+    NDIM2 = ("dwconv.weight", "pwconv1.weight", "grn.weight", "grn.bias", "pwconv2.weight")
+
+    def __init__(self, dim: int = D) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pwconv1 = nn.Linear(dim, 2 * dim)
+        self.grn = ConvNextV2GRN(2 * dim)
+        self.pwconv2 = nn.Linear(2 * dim, dim)
+
+
 ARCHITECTURES = (
     TiedTransformerLM,
     HeadFirstTiedLM,
@@ -605,6 +655,8 @@ ARCHITECTURES = (
     AttentionNet,
     MiscLinearNet,
     NormZoo,
+    DualEncoderModel,
+    ConvNextV2Block,
 )
 
 

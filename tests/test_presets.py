@@ -147,6 +147,13 @@ def test_tied_weight_is_an_embedding_whichever_side_registers_first():
         ("x.experts", (4, 4, 8), nn.Module(), True),
         ("x.expert_bias", (4, 8), nn.Module(), False),
         ("x.mask_token", (1, 1, 4), nn.Module(), False),
+        ("x.prompts_visual_projection", (4, 8), nn.Module(), True),  # the head word decides
+        ("x.token_proj", (4, 8), nn.Module(), True),
+        ("x.pos_embed_weight", (5, 4), nn.Module(), False),
+        ("x.weight_scale", (4, 4), nn.Module(), False),
+        ("x.static_weight", (4, 8), nn.Module(), True),
+        ("x.grn.weight", (1, 1, 1, 8), nn.Module(), False),  # a broadcast vector, not a matrix
+        ("x.w_out", (8, 1), nn.Module(), False),
     ],
 )
 def test_is_linear_weight_table(name, shape, owner, expected):
