@@ -36,8 +36,10 @@ _NO_DECAY_WORDS = re.compile(
     r"scale\w*|gamma\w*|beta|alpha|temperature|temp|tau|log\w*|bias\w*|offset\w*|shift|codebook\w*|"
     r"memory|mem|anchor\w*|prior\w*|freq\w*|inv|mean|std|var)$"
 )
-_GENERIC_WORDS = frozenset({"weight", "weights", "kernel"})
-_WEIGHT_WORDS = re.compile(r"^(weight|weights|kernel|proj|projection|w\d*|wq|wk|wv|wo|router|gate|experts?)$")
+# Words that name a matrix's role, and words that say "a weight" but nothing more (single letters
+# are often axes, as in SAM's ``rel_pos_w``): the latter decide only when no other word has a role.
+_WEIGHT_WORDS = re.compile(r"^(proj|projection|router|gate|experts?)$")
+_GENERIC_WORDS = re.compile(r"^(weight|weights|kernel|w\d*|wq|wk|wv|wo)$")
 
 
 _ORIGINAL = re.compile(r"^original\d+$")
@@ -192,15 +194,15 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
         return False
     # The head of a compound name is its last word: "prompts_visual_projection" is a projection,
     # "relative_position_bias_table" a table, "pos_embed_weight" an embedding. The last word with a
-    # known role decides; the generic "weight"/"kernel" only when no other word has one ("static_weight").
+    # known role decides; a generic one ("weight", "w") only when no other word has one ("static_weight").
     for word in reversed(words):
-        if word in _GENERIC_WORDS:
+        if _GENERIC_WORDS.match(word):
             continue
         if _NO_DECAY_WORDS.match(word):
             return False
         if _WEIGHT_WORDS.match(word):
             return True
-    if any(word in _GENERIC_WORDS for word in words):
+    if any(_GENERIC_WORDS.match(word) for word in words):
         return True
     # A stack of matrices with a leading expert axis (fused mixture-of-experts weights).
     return param_ndim(param) >= 3 and shape[0] > 1

@@ -154,6 +154,8 @@ def test_tied_weight_is_an_embedding_whichever_side_registers_first():
         ("x.static_weight", (4, 8), nn.Module(), True),
         ("x.grn.weight", (1, 1, 1, 8), nn.Module(), False),  # a broadcast vector, not a matrix
         ("x.w_out", (8, 1), nn.Module(), False),
+        ("x.rel_pos_w", (7, 16), nn.Module(), False),  # a single letter is an axis here, not "weight"
+        ("x.w2", (8, 4), nn.Module(), True),
     ],
 )
 def test_is_linear_weight_table(name, shape, owner, expected):
