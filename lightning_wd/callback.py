@@ -6,6 +6,9 @@ micro-batches, not when an AMP grad scaler skipped the step, once per ``step()``
 optimizer in manual optimization. Where a fused optimizer is stepped by the scaler even on
 overflow, the scaler's ``found_inf`` tensor zeroes the decay on the device, with no host sync.
 
+Parameters sharded as DTensors (``ModelParallelStrategy`` with FSDP2's ``fully_shard``) are
+decayed shard by shard on each rank; their norms are reduced over the ranks (see the class).
+
 Where each group's decay comes from:
 
 * groups built by :class:`~lightning_wd.WDMixin` carry their planned ``weight_decay``; at
@@ -23,7 +26,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, NamedTuple, cast, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -54,10 +57,10 @@ INITIAL_LR_KEY = "lwd_initial_lr"
 _REFUSED_STRATEGIES = {
     "DeepSpeedStrategy": "DeepSpeed keeps fp32 master copies of the parameters and would overwrite the decay;"
     " use the optimizer's own weight_decay with parameter groups from `lwd.build_param_groups`.",
-    "FSDPStrategy": "FSDP flattens parameters, so per-tensor rules and group norms are not yet supported;"
-    " use strategy='ddp', or the optimizer's own weight_decay with groups from `WDMixin`.",
-    "ModelParallelStrategy": "sharded (DTensor) parameters are not yet supported; use strategy='ddp', or the"
-    " optimizer's own weight_decay with groups from `WDMixin`.",
+    "FSDPStrategy": "FSDP (FSDP1) flattens parameters into flat buffers, so per-tensor rules and group norms cannot"
+    " see them; shard with FSDP2 instead: strategy=ModelParallelStrategy() and `fully_shard(...,"
+    " mesh=self.device_mesh['data_parallel'])` in the LightningModule's `configure_model` (sharded DTensor"
+    " parameters are supported), or use strategy='ddp'.",
 }
 
 
@@ -78,7 +81,12 @@ def _flag(value: Any, argument: str) -> None:
 
 @dataclass
 class _Bucket:
-    """Parameters of one optimizer group that share a λ: the unit of decay and of logging."""
+    """Parameters of one optimizer group that share a λ: the unit of decay and of logging.
+
+    ``chunks`` split ``params`` by device and dtype; ``layouts`` holds, for each of their
+    tensors, how a sharded (DTensor) parameter spreads over processes (``None`` when every
+    process holds it whole); ``sharded`` says whether any parameter is a DTensor.
+    """
 
     name: str
     group: dict[str, Any]
@@ -87,6 +95,17 @@ class _Bucket:
     chunks: list[list[Tensor]]
     numel: int
     checked_precision: bool = False
+    layouts: list[list[F._Layout]] = field(default_factory=list)
+    sharded: bool = False
+
+
+class _Part(NamedTuple):
+    """One device/dtype chunk of a bucket at a step: the parameters that have a gradient."""
+
+    params: list[Tensor]  # the parameters (DTensors where sharded): their `.grad`, their global norms
+    tensors: list[Tensor]  # what the decay updates in place: the parameters, or their local shards
+    layouts: list[F._Layout]
+    before: list[Tensor]  # copies of `tensors` from just before the optimizer step, or []
 
 
 @dataclass
@@ -101,18 +120,28 @@ class _OptimizerState:
     signature: tuple[tuple[int, int], ...] = ()
     handle: Any = None
     snapshot: list[list[list[Tensor]]] | None = None
+    sharded: bool = False  # some parameters are DTensors: every rank takes part in the norms' collectives
 
 
 def _signature(optimizer: Optimizer) -> tuple[tuple[int, int], ...]:
     return tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
 
 
-def _with_grad(chunk: list[Tensor], *others: list[Tensor]) -> tuple[list[Tensor], ...]:
+def _with_grad(chunk: list[Tensor], *others: list[Any]) -> tuple[list[Any], ...]:
     """Keep only the tensors of ``chunk`` (and the matching ones of ``others``) that have a gradient."""
     if all(p.grad is not None for p in chunk):
         return (chunk, *others)
     keep = [i for i, p in enumerate(chunk) if p.grad is not None]
     return tuple([lst[i] for i in keep] for lst in (chunk, *others))
+
+
+def _local(tensors: list[Tensor]) -> list[Tensor]:
+    """Each process's local shard of DTensors (sharing their storage; call under no_grad), other tensors as they are."""
+    return [t.to_local() if F._is_dtensor(t) else t for t in tensors]
+
+
+def _locals_of(bucket: _Bucket) -> list[list[Tensor]]:
+    return [_local(chunk) for chunk in bucket.chunks] if bucket.sharded else bucket.chunks
 
 
 class WeightDecayCallback(Callback):
@@ -147,6 +176,15 @@ class WeightDecayCallback(Callback):
     (the λ in force), ``timescale`` (the decay's averaging time in steps, ``1 / step`` of the
     multiplicative decay; ``threshold``, the soft-threshold step, for ``ord=1``), and
     optionally ``grad_norm`` and ``update_norm``. Nothing is computed on other steps.
+
+    Sharded parameters (``ModelParallelStrategy`` with FSDP2's ``fully_shard`` in
+    ``configure_model``, or tensor parallelism: DTensors with Shard and Replicate placements) are
+    decayed on each rank's local shard, with the same kernels and no communication. The logged
+    norms and ``relative`` mode's ``m`` are taken over the whole group on every rank: a few
+    ``all_reduce`` calls per norm (one per device mesh dimension the group is sharded over), so
+    with sharded parameters every rank measures on logged steps (rank zero alone logs), and
+    ``relative`` mode communicates at every step. ``FSDPStrategy`` (FSDP1's flat parameters) and
+    ``DeepSpeedStrategy`` are refused in ``setup``.
 
     Args:
         mode: How the step size follows the learning rate (see the table).
@@ -397,6 +435,7 @@ class WeightDecayCallback(Callback):
             if "initial_lr" not in b.group:
                 b.group.setdefault(INITIAL_LR_KEY, b.group["lr"])
         state.buckets = buckets
+        state.sharded = any(b.sharded for b in buckets)
         state.signature = _signature(state.optimizer)
         state.snapshot = None
 
@@ -441,11 +480,11 @@ class WeightDecayCallback(Callback):
             return
         self._refresh(state)
         # Whether this step logs matters only for the update norm: don't ask the trainer otherwise.
-        if not self._needs_snapshot(self.log_update_norm and self._logging_step()):
+        if not self._needs_snapshot(self.log_update_norm and self._logging_step(state)):
             state.snapshot = None
             return
         state.snapshot = [
-            [list(torch._foreach_mul(chunk, F._factor(1.0, chunk))) for chunk in b.chunks]
+            [list(torch._foreach_mul(chunk, F._factor(1.0, chunk))) for chunk in _locals_of(b)]
             if b.weight_decay > 0 or self.log_update_norm
             else []
             for b in state.buckets
@@ -458,50 +497,60 @@ class WeightDecayCallback(Callback):
                 return s
         return None
 
-    def _logging_step(self) -> bool:
+    def _logging_step(self, state: _OptimizerState) -> bool:
+        """Whether this process measures the norms of ``state``'s groups at this step.
+
+        Loggers write on rank zero only. Replicated parameters are the same on every rank: rank zero
+        measures them alone, with no collective. Sharded ones need every rank in the norms' collectives,
+        in the same order: then every rank measures (the decision depends only on the step, the same
+        everywhere), and only rank zero logs.
+        """
         trainer = self._trainer
         if trainer is None or not (self.log_norms or self.log_grad_norm or self.log_update_norm):
             return False
-        # Parameters are replicated on every rank and loggers write on rank zero only: measure there only.
-        return bool(trainer.loggers) and trainer.is_global_zero and trainer._logger_connector.should_update_logs
+        if not trainer.loggers or not (state.sharded or trainer.is_global_zero):
+            return False
+        return bool(trainer._logger_connector.should_update_logs)
 
     @torch.no_grad()
     def _after_step(self, state: _OptimizerState, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._refresh(state)
         multiplier = 1.0 if self.schedule is None else float(self.schedule(state.steps))
         found_inf = getattr(optimizer, "found_inf", None)
-        logging = self._logging_step()
+        logging = self._logging_step(state)
         snapshot, state.snapshot = state.snapshot, None
         metrics: dict[str, Tensor | float] = {}
         for index, bucket in enumerate(state.buckets):
             wd = bucket.weight_decay * multiplier
             befores = snapshot[index] if snapshot is not None and snapshot[index] else None
-            # (parameters with a gradient, their values before the step) per device/dtype chunk
-            pairs = []
+            # per device/dtype chunk: the parameters with a gradient, and what the decay updates
+            parts = []
             for c, chunk in enumerate(bucket.chunks):
                 if befores is None:
-                    params, before = _with_grad(chunk)[0], []
+                    params, layouts = _with_grad(chunk, bucket.layouts[c])
+                    before: list[Tensor] = []
                 else:
-                    params, before = _with_grad(chunk, befores[c])
+                    params, layouts, before = _with_grad(chunk, bucket.layouts[c], befores[c])
                     befores[c] = before  # drop the copies of tensors without a gradient; the decay frees the rest
                 if params:
-                    pairs.append((params, before))
+                    local = bucket.sharded and (wd > 0 or logging)  # the local shards, where they are used
+                    parts.append(_Part(params, _local(params) if local else params, layouts, before))
             step: Tensor | float | None = None
-            if pairs:
+            if parts:
                 if logging:
-                    self._update_metrics(bucket, pairs, metrics)
+                    self._update_metrics(bucket, parts, metrics)
                 if wd > 0 and befores is None and self._needs_snapshot(False):
                     self._warn_no_snapshot(bucket)
                 elif wd > 0:
-                    step = self._step_size(bucket, wd, pairs)
+                    step = self._step_size(bucket, wd, parts)
                     if found_inf is not None:  # a select, not a product: relative m is inf/NaN on overflow
                         step = torch.where(found_inf.to(dtype=torch.float32) > 0, 0.0, step)
                     if not bucket.checked_precision and isinstance(step, float):
-                        _warn_if_rounds_away(bucket, [p[0].dtype for p, _ in pairs], step)
-                    for params, before in pairs:
-                        mask = F.cautious_mask(params, before) if self.cautious else None
-                        before.clear()  # last use of this chunk's copy: free it before the decay allocates
-                        F.apply_decay_(params, step, ord=self.ord, mask=mask)
+                        _warn_if_rounds_away(bucket, [part.tensors[0].dtype for part in parts], step)
+                    for part in parts:
+                        mask = F.cautious_mask(part.tensors, part.before) if self.cautious else None
+                        part.before.clear()  # last use of this chunk's copy: free it before the decay allocates
+                        F.apply_decay_(part.tensors, step, ord=self.ord, mask=mask)
                 bucket.checked_precision = True
             if logging:
                 self._bucket_metrics(bucket, wd, step, metrics)
@@ -519,7 +568,7 @@ class WeightDecayCallback(Callback):
                 " `optimizer.step()` outside Lightning). Step it through `self.optimizers()` in manual optimization."
             )
 
-    def _step_size(self, bucket: _Bucket, wd: float, pairs: list[tuple[list[Tensor], list[Tensor]]]) -> Tensor | float:
+    def _step_size(self, bucket: _Bucket, wd: float, parts: list[_Part]) -> Tensor | float:
         lr = bucket.group["lr"]
         if self.mode == "decoupled":
             return lr * wd
@@ -528,33 +577,39 @@ class WeightDecayCallback(Callback):
         if self.mode == "lr_ratio":
             initial = bucket.group.get("initial_lr", bucket.group.get(INITIAL_LR_KEY, lr))
             return wd * lr / initial
-        # relative: m measured over the whole bucket, on the tensors that have a gradient.
-        if self.source == "grad":
-            tensors = [cast(Tensor, p.grad) for params, _ in pairs for p in params]
-        elif self.source == "params":
-            tensors = [p for params, _ in pairs for p in params]
+        # relative: m measured over the whole bucket (all ranks' shards), on the tensors that have a gradient.
+        measure_of = F._mean_abs if self.metric == "mean_abs" else F._rms
+        if self.source == "grad":  # gradients have their own placements: let the functional read them
+            grads = [cast(Tensor, p.grad) for part in parts for p in part.params]
+            return (F.mean_abs(grads) if self.metric == "mean_abs" else F.rms(grads)) * (lr * wd)
+        if sum(len(part.params) for part in parts) == len(bucket.params):
+            numel = bucket.numel  # every parameter has a gradient
         else:
-            if not pairs[0][1]:
+            numel = sum(p.numel() for part in parts for p in part.params)  # of the whole tensors
+        layouts = [layout for part in parts for layout in part.layouts] if bucket.sharded else None
+        if self.source == "params":
+            tensors = [t for part in parts for t in part.tensors]
+        else:
+            if not parts[0].before:
                 raise RuntimeError("mode='relative', source='update' needs the parameters from before the step.")
             if self.cautious:  # the mask still needs the copies
-                tensors = [d for params, before in pairs for d in torch._foreach_sub(params, before)]
+                tensors = [d for part in parts for d in torch._foreach_sub(part.tensors, part.before)]
             else:  # no second copy: before - after in place (m() does not depend on the sign)
-                for params, before in pairs:
-                    torch._foreach_sub_(before, params)
-                tensors = [d for _, before in pairs for d in before]
-        measure = F.mean_abs(tensors) if self.metric == "mean_abs" else F.rms(tensors)
-        return measure * (lr * wd)
+                for part in parts:
+                    torch._foreach_sub_(part.before, part.tensors)
+                tensors = [d for part in parts for d in part.before]
+        return measure_of(tensors, layouts, numel) * (lr * wd)
 
     # ------------------------------------------------------------------ logging
-    def _update_metrics(
-        self, bucket: _Bucket, pairs: list[tuple[list[Tensor], list[Tensor]]], metrics: dict[str, Tensor | float]
-    ) -> None:
+    def _update_metrics(self, bucket: _Bucket, parts: list[_Part], metrics: dict[str, Tensor | float]) -> None:
         """Norms of the gradients and of the optimizer's update (before the decay), when asked for."""
         if self.log_grad_norm:
-            metrics[f"{bucket.name}/grad_norm"] = F.global_norm([cast(Tensor, p.grad) for ps, _ in pairs for p in ps])
-        if self.log_update_norm and pairs[0][1]:
-            deltas = [d for ps, before in pairs for d in torch._foreach_sub(ps, before)]
-            metrics[f"{bucket.name}/update_norm"] = F.global_norm(deltas)
+            grads = [cast(Tensor, p.grad) for part in parts for p in part.params]
+            metrics[f"{bucket.name}/grad_norm"] = F.global_norm(grads)
+        if self.log_update_norm and parts[0].before:
+            deltas = [d for part in parts for d in torch._foreach_sub(part.tensors, part.before)]
+            layouts = [layout for part in parts for layout in part.layouts] if bucket.sharded else None
+            metrics[f"{bucket.name}/update_norm"] = F._global_norm(deltas, layouts)
 
     def _bucket_metrics(
         self, bucket: _Bucket, wd: float, step: Tensor | float | None, metrics: dict[str, Tensor | float]
@@ -574,6 +629,8 @@ class WeightDecayCallback(Callback):
     def _log(self, state: _OptimizerState, metrics: dict[str, Tensor | float]) -> None:
         trainer = self._trainer
         assert trainer is not None
+        if not trainer.is_global_zero:  # the other ranks only took part in the collectives
+            return
         keys = list(metrics)
         tensors = [(k, v) for k, v in metrics.items() if isinstance(v, Tensor)]
         values: dict[str, float] = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
@@ -588,14 +645,30 @@ class WeightDecayCallback(Callback):
 
 
 def _make_bucket(name: str, group: dict[str, Any], wd: float, params: list[Tensor]) -> _Bucket:
+    chunks = F.group_by_device_and_dtype(params)
     return _Bucket(
         name=name,
         group=group,
         weight_decay=wd,
         params=params,
-        chunks=F.group_by_device_and_dtype(params),
-        numel=sum(p.numel() for p in params),
+        chunks=chunks,
+        numel=sum(p.numel() for p in params),  # a DTensor's numel is that of the whole tensor
+        layouts=[[_layout(name, p) for p in chunk] for chunk in chunks],
+        sharded=any(F._is_dtensor(p) for p in params),
     )
+
+
+def _layout(group: str, p: Tensor) -> F._Layout:
+    try:
+        return F._layout(p)
+    except ValueError:
+        raise MisconfigurationException(
+            "WeightDecayCallback decays each process's local shard of a sharded parameter, which is exact for Shard"
+            f" and Replicate placements only, but a parameter of group {group!r} is a DTensor with placements"
+            f" {tuple(getattr(p, 'placements', ()))}. Shard or replicate it in `configure_model` (FSDP2's"
+            " `fully_shard`, or `distribute_tensor` with Shard/Replicate placements), or leave that group's weight"
+            " decay to the optimizer."
+        ) from None
 
 
 def _warn_if_rounds_away(bucket: _Bucket, dtypes: list[torch.dtype], step: float) -> None:

@@ -8,16 +8,32 @@ step split them once with :func:`group_by_device_and_dtype` and keep the pieces.
 A step size may be a Python number or a 0-dim tensor (for example one that depends on
 a norm computed on the device, or on an AMP scaler's ``found_inf``): neither forces a
 host synchronisation. All in-place functions end in ``_`` and run under ``no_grad``.
+
+Sharded tensors (``DTensor``, as FSDP2's ``fully_shard`` and tensor parallelism make them):
+
+* the decay is elementwise, so :func:`apply_decay_` and :func:`cautious_mask` are given each
+  process's local shards (``t.to_local()``, which shares the DTensor's storage) and are exact
+  for ``Shard`` and ``Replicate`` placements;
+* :func:`global_norm`, :func:`mean_abs` and :func:`rms` accept DTensors, plain tensors, or a
+  mix of both, and return the value over the *whole* tensors on every process: each process
+  reduces its local shards, tensors that share a device mesh and sharded mesh dimensions
+  together, and adds up each such partial result with one ``all_reduce`` per sharded mesh
+  dimension (never one per tensor). Replicated mesh dimensions and plain tensors (taken as
+  the same on every process) are counted once. Every process of the mesh must call them,
+  with the same list, in the same order.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
 from collections.abc import Sequence
 from itertools import repeat
 from operator import attrgetter, is_
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeGuard
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
@@ -31,6 +47,38 @@ __all__ = [
 
 #: A step size: a Python number or a 0-dim tensor.
 Step = float | Tensor
+
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
+
+
+def _find(*paths: str) -> Any:
+    """The first of ``"module:name"`` that imports, else None (torch 2.4 keeps DTensor under a private
+    module name; a build without ``torch.distributed`` has none)."""
+    for path in paths:
+        module, _, name = path.partition(":")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, RuntimeError):
+            continue
+    return None
+
+
+_DTENSOR: tuple[type, ...] = tuple(
+    c for c in [_find("torch.distributed.tensor:DTensor", "torch.distributed._tensor:DTensor")] if c is not None
+)
+_REPLICATE: Any = _find("torch.distributed.tensor:Replicate", "torch.distributed._tensor:Replicate")
+# A shard with a stride (FSDP2 over tensor parallelism): not a subclass of Shard in recent torch.
+_STRIDED_SHARD: tuple[type, ...] = tuple(
+    c for c in [_find("torch.distributed.tensor.placement_types:_StridedShard")] if c is not None
+)
+
+#: How a tensor's elements are spread over processes: ``None`` for a tensor every process holds
+#: whole (a plain tensor, or a DTensor replicated on every mesh dimension), else the device mesh and
+#: the mesh dimensions its elements are sharded over.
+_Layout: TypeAlias = "tuple[DeviceMesh, tuple[int, ...]] | None"
 
 
 def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
@@ -198,46 +246,195 @@ def cautious_mask(after: Sequence[Tensor], before: Sequence[Tensor]) -> list[Ten
     return delta
 
 
+def _is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
+    return isinstance(t, _DTENSOR)
+
+
+def _layout(t: Tensor) -> _Layout:
+    """The :data:`_Layout` of ``t``: the mesh dimensions over which a DTensor's elements are sharded.
+
+    Raises:
+        ValueError: if ``t`` is a DTensor with a placement other than ``Shard`` and ``Replicate``
+            (a ``Partial`` one holds addends, not elements; norms reduce it first).
+    """
+    if not _is_dtensor(t):
+        return None
+    sharded = []
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard() or isinstance(placement, _STRIDED_SHARD):
+            sharded.append(dim)
+        elif not placement.is_replicate():
+            raise ValueError(
+                f"`tensors` holds a DTensor with placements {tuple(t.placements)}; norms and the decay work on local"
+                " shards, which hold the tensor's elements only for Shard and Replicate placements. Redistribute it"
+                " first, for example `t.redistribute(placements=[Replicate()])`."
+            )
+    return (t.device_mesh, tuple(sharded)) if sharded else None
+
+
+@torch.no_grad()
+def _split(tensors: Sequence[Tensor]) -> tuple[Sequence[Tensor], list[_Layout] | None]:
+    """Each tensor's local part and :data:`_Layout` (None for a list without DTensors).
+
+    A ``Partial`` DTensor is reduced first (one collective for that tensor).
+    """
+    if not any(issubclass(cls, _DTENSOR) for cls in set(map(type, tensors))):  # (by class: a C-speed pass)
+        return tensors, None
+    local: list[Tensor] = []
+    layouts: list[_Layout] = []
+    for t in tensors:
+        if _is_dtensor(t):
+            if any(p.is_partial() for p in t.placements):
+                t = t.redistribute(t.device_mesh, [_REPLICATE() if p.is_partial() else p for p in t.placements])
+            layouts.append(_layout(t))
+            local.append(t.to_local())
+        else:
+            local.append(t)
+            layouts.append(None)
+    return local, layouts
+
+
+#: Dtypes whose norms are computed in float32.
+_NARROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
     """Per-tensor norms of ``tensors`` (any devices and dtypes), as float32 on the first tensor's device."""
     device = tensors[0].device
-    # One stack and one copy per device/dtype group, not one copy per tensor.
+    # One stack and one copy per device/dtype group, not one copy per tensor. The norm is computed in
+    # float32 for float32 and narrower dtypes, and in the tensors' own dtype otherwise (float64: torch
+    # refuses to narrow it inside the kernel), then cast.
     parts = [
-        torch.stack(torch._foreach_norm(group, ord, dtype=torch.float32)).to(device, non_blocking=True)
+        (
+            torch.stack(torch._foreach_norm(group, ord, dtype=torch.float32))
+            if group[0].dtype in _NARROW_DTYPES
+            else torch.stack(torch._foreach_norm(group, ord)).float()
+        ).to(device, non_blocking=True)
         for group in group_by_device_and_dtype(tensors)
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _local_power_sum(tensors: Sequence[Tensor], ord: float) -> Tensor:
+    """``sum |x|^ord`` (``max |x|`` for ``ord=inf``) over the elements of ``tensors`` (float32, 0-dim)."""
+    if ord == math.inf:
+        # An empty tensor (an empty shard) adds nothing, but has no max: leave it out.
+        nonempty = [t for t in tensors if t.numel()]
+        if not nonempty:
+            return torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+        return _norms(nonempty, ord).amax()
+    norms = _norms(tensors, ord)
+    if ord == 1:
+        return norms.sum()
+    if ord == 2:
+        return norms.square().sum()
+    return norms.pow(ord).sum()
+
+
+def _power_sum(tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, ord: float) -> Tensor:
+    """``sum |x|^ord`` (``max |x|`` for ``ord=inf``) over all elements of the whole tensors.
+
+    ``tensors`` are local parts and ``layouts`` their :data:`_Layout` (None: all held whole): the sums
+    of tensors that share a layout are added up over each sharded mesh dimension with one
+    ``all_reduce``; the result is a float32 0-dim tensor on the first tensor's device, the same on
+    every process.
+    """
+    if layouts is None or not any(layouts):
+        return _local_power_sum(tensors, ord)
+    by_layout: dict[_Layout, list[Tensor]] = {}
+    for t, layout in zip(tensors, layouts, strict=True):
+        by_layout.setdefault(layout, []).append(t)
+    device = tensors[0].device
+    parts = []
+    for layout, group in by_layout.items():
+        part = _local_power_sum(group, ord)
+        if layout is not None:
+            mesh, dims = layout
+            op = dist.ReduceOp.MAX if ord == math.inf else dist.ReduceOp.SUM
+            for dim in dims:
+                dist.all_reduce(part, op=op, group=mesh.get_group(dim))
+        parts.append(part.to(device, non_blocking=True))
+    if len(parts) == 1:
+        return parts[0]
+    stacked = torch.stack(parts)
+    return stacked.amax() if ord == math.inf else stacked.sum()
+
+
+def _check_ord(ord: float) -> None:
+    if isinstance(ord, bool) or not isinstance(ord, (int, float)) or not ord > 0:
+        raise ValueError(
+            f"`ord` must be a number > 0 (1.0, 2.0, math.inf, ...), got {ord!r}; pass for example ord=2.0 for the"
+            " Euclidean norm."
+        )
+
+
+def _root(total: Tensor, ord: float) -> Tensor:
+    if ord == math.inf or ord == 1:
+        return total
+    return total.sqrt() if ord == 2 else total.pow(1.0 / ord)
+
+
+def _global_norm(tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, ord: float = 2.0) -> Tensor:
+    """:func:`global_norm` of local parts with their :data:`_Layout` (for example sharded updates)."""
+    return _root(_power_sum(tensors, layouts, ord), ord)
+
+
+def _mean_abs(tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, numel: int) -> Tensor:
+    """:func:`mean_abs` of local parts with their :data:`_Layout`; ``numel`` is the whole tensors' count."""
+    return _power_sum(tensors, layouts, 1.0) / max(numel, 1)
+
+
+def _rms(tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, numel: int) -> Tensor:
+    """:func:`rms` of local parts with their :data:`_Layout`; ``numel`` is the whole tensors' count."""
+    return _power_sum(tensors, layouts, 2.0).div(max(numel, 1)).sqrt()
 
 
 @torch.no_grad()
 def global_norm(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
     """The norm of all elements of ``tensors`` taken together, as a float32 0-dim tensor.
 
+    DTensors count with all their elements on every process (see the module's notes): every
+    process of their mesh must call this with the same list.
+
     Args:
-        tensors: The tensors (at least one).
-        ord: Order of the norm (``2.0`` Euclidean, ``1.0`` sum of absolute values, ``inf`` max).
+        tensors: The tensors (at least one): plain tensors and DTensors, of any dtype, float64 included.
+        ord: Order of the norm, a number > 0 (``2.0`` Euclidean, ``1.0`` sum of absolute values,
+            ``math.inf`` largest absolute value).
+
+    Raises:
+        ValueError: if ``tensors`` is empty, ``ord`` is not a number > 0, or a DTensor has a placement
+            other than Shard, Replicate and Partial.
 
     Example::
 
         >>> global_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
+        >>> global_norm([torch.tensor([3.0], dtype=torch.float64), torch.tensor([-4.0])], ord=1.0)
+        tensor(7.)
     """
     if not tensors:
         raise ValueError("`tensors` is empty; a norm needs at least one tensor.")
-    return torch.linalg.vector_norm(_norms(tensors, ord), ord)
+    _check_ord(ord)
+    return _global_norm(*_split(tensors), ord)
 
 
 def _numel(tensors: Sequence[Tensor]) -> int:
-    return sum(t.numel() for t in tensors)
+    return sum(t.numel() for t in tensors)  # a DTensor's numel is that of the whole tensor
 
 
 @torch.no_grad()
 def mean_abs(tensors: Sequence[Tensor], numel: int | None = None) -> Tensor:
     """Mean absolute value over all elements of ``tensors`` (float32, 0-dim).
 
+    DTensors count with all their elements on every process, as in :func:`global_norm`.
+
     Args:
-        tensors: The tensors (at least one).
-        numel: Total element count if known (saves a Python pass over the list).
+        tensors: The tensors (at least one): plain tensors and DTensors, float64 included.
+        numel: Total element count, of the whole tensors, if known (saves a Python pass over the list).
+
+    Raises:
+        ValueError: if ``tensors`` is empty, or a DTensor has a placement other than Shard, Replicate and
+            Partial.
 
     Example::
 
@@ -246,12 +443,22 @@ def mean_abs(tensors: Sequence[Tensor], numel: int | None = None) -> Tensor:
     """
     if not tensors:
         raise ValueError("`tensors` is empty; a mean needs at least one tensor.")
-    return _norms(tensors, 1.0).sum() / max(numel if numel is not None else _numel(tensors), 1)
+    return _mean_abs(*_split(tensors), numel if numel is not None else _numel(tensors))
 
 
 @torch.no_grad()
 def rms(tensors: Sequence[Tensor], numel: int | None = None) -> Tensor:
     """Root mean square over all elements of ``tensors`` (float32, 0-dim).
+
+    DTensors count with all their elements on every process, as in :func:`global_norm`.
+
+    Args:
+        tensors: The tensors (at least one): plain tensors and DTensors, float64 included.
+        numel: Total element count, of the whole tensors, if known (saves a Python pass over the list).
+
+    Raises:
+        ValueError: if ``tensors`` is empty, or a DTensor has a placement other than Shard, Replicate and
+            Partial.
 
     Example::
 
@@ -260,5 +467,4 @@ def rms(tensors: Sequence[Tensor], numel: int | None = None) -> Tensor:
     """
     if not tensors:
         raise ValueError("`tensors` is empty; a mean needs at least one tensor.")
-    n = max(numel if numel is not None else _numel(tensors), 1)
-    return _norms(tensors, 2.0).square().sum().div(n).sqrt()
+    return _rms(*_split(tensors), numel if numel is not None else _numel(tensors))

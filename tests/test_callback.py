@@ -239,6 +239,37 @@ def test_logged_metrics_in_csv_match_independent_computation(tmp_path):
         assert "wd/no_decay/timescale" not in r or r["wd/no_decay/timescale"] == ""
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(dict(mode="relative"), id="relative-params-mean_abs"),
+        pytest.param(dict(mode="relative", source="grad", metric="rms"), id="relative-grad-rms"),
+        pytest.param(dict(mode="relative", source="update"), id="relative-update"),
+    ],
+)
+def test_float64_parameters_decay_and_log(tmp_path, config):
+    """float64 parameters (whose norms torch will not compute in float32): ``relative`` mode matches the
+    reference step by step, and the logged norms match an independent computation."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.callback_helpers import make_data
+
+    data = DataLoader(TensorDataset(*(t.double() for t in make_data().tensors)), batch_size=8)
+    model = WDNet().double()
+    recorder = StepRecorder(WDS, **config)
+    trace = _ParamTrace()
+    logger = CSVLogger(tmp_path, name="csv")
+    callback = lwd.WeightDecayCallback(**config, log_grad_norm=True, log_update_norm=True)
+    t = trainer(tmp_path, [callback, recorder, trace], logger=logger, log_every_n_steps=1)
+    t.fit(model, data)
+    assert recorder.checked == 5
+    rows = [r for r in _rows(logger) if r.get("wd/decay/param_norm")]
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4]
+    for r in rows:
+        assert float(r["wd/decay/param_norm"]) == pytest.approx(trace.norms[int(r["step"])], rel=1e-6)
+        assert float(r["wd/decay/grad_norm"]) > 0 and float(r["wd/decay/update_norm"]) > 0
+
+
 def test_norms_are_computed_only_on_logged_steps(tmp_path, monkeypatch):
     calls = []
     original = lwd.functional.global_norm

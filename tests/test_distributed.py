@@ -9,16 +9,20 @@
   steps (on rank zero): ``torch.distributed``'s collectives are wrapped in each child by a callback's
   ``setup`` and the per-rank sequences compared at the end. A short process-group timeout turns a
   mismatch (a collective on one rank only) into an error rather than a hang.
-* Sharded parameters are refused at fit start: ``ModelParallelStrategy`` through a real
-  ``Trainer.fit``; FSDP and DeepSpeed, which Lightning does not run on CPU (or without the
-  ``deepspeed`` package), through ``WeightDecayCallback.setup`` with a trainer stand-in holding a real,
-  never-started strategy object.
+* ``ModelParallelStrategy`` with FSDP2 ``fully_shard`` (DTensor parameters) works: a real
+  ``Trainer.fit`` on one process here (a one-rank mesh: DTensors and collectives all the same), matched
+  against the single-process reference of ``tests.fsdp2_helpers``; the 2-process run is in
+  ``tests/test_sharded.py``.
+* FSDP1 and DeepSpeed are refused at fit start. Lightning does not run them on CPU (or without the
+  ``deepspeed`` package), so the refusal is checked through ``WeightDecayCallback.setup`` with a
+  trainer stand-in holding a real, never-started strategy object.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import socket
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -209,30 +213,89 @@ def test_ddp_uneven_data_matches_single_process_and_ranks_agree_on_collectives(t
     assert float(body[[i for i, r in enumerate(body) if r[column]][-1]][column]) == pytest.approx(norm, rel=1e-5)
 
 
-# ---------------------------------------------------------------- sharded strategies are refused at fit start
-def test_model_parallel_strategy_is_refused_before_any_step(tmp_path):
-    model = WDNet()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    steps: list[int] = []
+# ---------------------------------------------------------------- ModelParallelStrategy (FSDP2) works
+class _AssertSharded(L.Callback):
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from torch.distributed.tensor import DTensor
 
-    class Count(L.Callback):
-        def on_before_optimizer_step(self, *args: Any) -> None:
-            steps.append(1)
+        params = dict(pl_module.named_parameters())
+        assert all(isinstance(params[n], DTensor) for n in ("net.fc1.weight", "net.norm.weight", "net.fc2.weight"))
+        assert not isinstance(params["net.proj.weight"], DTensor)
 
+
+@pytest.fixture
+def own_process_group():
+    """A one-process fit here initializes a process group in this process, whose store may keep listening
+    on its port: give it a port of its own (not the MASTER_PORT that a ``ddp_spawn`` test left in the
+    environment for later ones), and afterwards destroy the group and restore the environment."""
+    environ = dict(os.environ)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "relative"])
+def test_model_parallel_strategy_with_fully_shard_matches_reference(tmp_path, mode, own_process_group):
+    """One process (FSDP2 over a one-rank mesh): the decay and the logged norms match the reference."""
+    from tests.fsdp2_helpers import CALLBACKS, DECAYED, EPOCHS, GLOBAL_BATCH, ShardedNet, group_norm, reference_fit
+
+    model = ShardedNet()
+    logger = CSVLogger(tmp_path, name="csv", version=0)
     t = _trainer(
         tmp_path,
         devices=1,
         strategy=ModelParallelStrategy(),
-        logger=False,
-        max_steps=3,
-        callbacks=[lwd.WeightDecayCallback(), Count()],
+        use_distributed_sampler=False,
+        max_epochs=EPOCHS,
+        logger=logger,
+        log_every_n_steps=1,
+        callbacks=[lwd.WeightDecayCallback(**CALLBACKS[mode]), _AssertSharded()],
     )
-    with pytest.raises(MisconfigurationException, match=r"does not support `strategy`=ModelParallelStrategy.*DTensor"):
-        t.fit(model, loader())
-    assert steps == [] and t.global_step == 0
-    assert not t.optimizers  # refused in setup, before configure_optimizers
-    for name, p in model.named_parameters():
-        assert torch.equal(p, before[name])
+    t.fit(model, loader(batch_size=GLOBAL_BATCH))
+    reference = reference_fit(mode)
+    params = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in model.named_parameters()}
+    for name, value in reference["params"].items():
+        torch.testing.assert_close(
+            params[name].detach(), value, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    logged = float(last[header.index("wd/decay/param_norm")])
+    assert logged == pytest.approx(group_norm(reference["params"], DECAYED), rel=1e-5)
+    if mode == "relative":
+        assert float(last[header.index("wd/decay/update_norm")]) == pytest.approx(reference["update_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("sharded", "is_global_zero", "should_update_logs", "measures"),
+    [
+        (False, True, True, True),  # replicated parameters: rank zero measures alone, with no collective
+        (False, False, True, False),
+        (True, True, True, True),  # sharded parameters: every rank takes part in the norms' collectives
+        (True, False, True, True),
+        (True, False, False, False),  # never on steps that are not logged
+        (False, True, False, False),
+    ],
+)
+def test_which_ranks_measure_the_norms(sharded, is_global_zero, should_update_logs, measures):
+    from lightning_wd.callback import _OptimizerState
+
+    cb = lwd.WeightDecayCallback()
+    cb._trainer = SimpleNamespace(  # type: ignore[assignment]
+        loggers=[object()],
+        is_global_zero=is_global_zero,
+        _logger_connector=SimpleNamespace(should_update_logs=should_update_logs),
+    )
+    state = _OptimizerState(
+        optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), prefix="", owned=True
+    )
+    state.sharded = sharded
+    assert cb._logging_step(state) is measures
 
 
 def test_lightning_refuses_fsdp_on_cpu_before_our_callback():
@@ -254,14 +317,18 @@ def _never_started(cls: type) -> Any:
 @pytest.mark.parametrize(
     ("strategy", "match"),
     [
-        (FSDPStrategy(), r"`strategy`=FSDPStrategy: FSDP flattens parameters.*use strategy='ddp'"),
-        (MyFSDP(), r"`strategy`=MyFSDP: FSDP flattens parameters"),
+        (
+            FSDPStrategy(),
+            r"`strategy`=FSDPStrategy: FSDP \(FSDP1\) flattens parameters.*strategy=ModelParallelStrategy\(\) and"
+            r" `fully_shard\(\.\.\., mesh=self\.device_mesh\['data_parallel'\]\)` in the LightningModule's"
+            r" `configure_model`.*or use strategy='ddp'",
+        ),
+        (MyFSDP(), r"`strategy`=MyFSDP: FSDP \(FSDP1\) flattens parameters"),
         (_never_started(DeepSpeedStrategy), r"`strategy`=DeepSpeedStrategy: DeepSpeed keeps fp32 master copies"),
-        (_never_started(ModelParallelStrategy), r"`strategy`=ModelParallelStrategy: sharded \(DTensor\)"),
     ],
-    ids=["fsdp", "fsdp-subclass", "deepspeed", "model-parallel"],
+    ids=["fsdp", "fsdp-subclass", "deepspeed"],
 )
-def test_sharded_strategies_are_refused_in_setup(strategy, match):
+def test_fsdp1_and_deepspeed_are_refused_in_setup(strategy, match):
     """``setup`` is the first hook of a fit (before ``configure_optimizers`` and any step): it refuses
     the strategy with the reason and the alternative."""
     cb = lwd.WeightDecayCallback()
@@ -269,3 +336,13 @@ def test_sharded_strategies_are_refused_in_setup(strategy, match):
     with pytest.raises(MisconfigurationException, match=match):
         cb.setup(stand_in, WDNet(), "fit")  # type: ignore[arg-type]
     cb.setup(stand_in, WDNet(), "validate")  # evaluation never decays: nothing to refuse
+
+
+class MyModelParallel(ModelParallelStrategy):
+    """A user's subclass of an accepted strategy."""
+
+
+@pytest.mark.parametrize("strategy", [ModelParallelStrategy, MyModelParallel, DDPStrategy])
+def test_model_parallel_and_ddp_are_accepted_in_setup(strategy):
+    cb = lwd.WeightDecayCallback()
+    cb.setup(SimpleNamespace(strategy=_never_started(strategy)), WDNet(), "fit")  # type: ignore[arg-type]
