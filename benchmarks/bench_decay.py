@@ -27,7 +27,8 @@ Rows:
 * ``callback`` rows: the callback's real step path (its optimizer step post-hook: gradient
   check, step size, decay, and on a logged step the metrics and their one host sync); for
   ``cautious`` also the snapshot it takes in ``on_before_optimizer_step``, in the full step and
-  alone.
+  alone; ``contiguous group`` rows run it over parameters laid out in one buffer by
+  :func:`~lightning_wd.functional.make_contiguous_` (``WDMixin.contiguous_parameters = True``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ from lightning_wd import functional as F
 LR, WD = 1e-3, 0.1
 
 
-def _cases(params: list[torch.Tensor], flat: torch.Tensor, device: torch.device) -> dict[str, Callable[[], Any]]:
+def _cases(
+    params: list[torch.Tensor], contiguous: list[torch.Tensor], flat: torch.Tensor, device: torch.device
+) -> dict[str, Callable[[], Any]]:
     step = LR * WD
     tensor_step = torch.tensor(step, device=device)
     before = [p.detach().clone() for p in params]
@@ -87,6 +90,15 @@ def _cases(params: list[torch.Tensor], flat: torch.Tensor, device: torch.device)
     cases["callback cautious: full step (snapshot + mask + decay)"] = CallbackHarness(
         params, weight_decay=WD, lr=LR, cautious=True
     ).step
+    # The same step over parameters laid out in one buffer (WDMixin's contiguous_parameters=True).
+    for label, kwargs in (
+        ("decoupled", {}),
+        ("relative (params, mean_abs)", {"mode": "relative"}),
+        ("L1 (ord=1)", {"ord": 1}),
+    ):
+        cases[f"callback {label}, contiguous group"] = CallbackHarness(
+            contiguous, weight_decay=WD, lr=LR, **kwargs
+        ).step
     # The snapshot alone (on_before_optimizer_step), taken and dropped.
     cases["callback cautious: snapshot alone"] = CallbackHarness(
         params, weight_decay=WD, lr=LR, cautious=True
@@ -98,8 +110,10 @@ def run_layout(
     label: str, sizes: list[int], device: torch.device, dtype: torch.dtype, repeats: int, warmup: int
 ) -> list[list[Any]]:
     params = make_params(sizes, device, dtype, grads=True)
+    contiguous = make_params(sizes, device, dtype, grads=True)
+    F.make_contiguous_(contiguous)
     flat = torch.randn(sum(sizes), device=device, dtype=dtype)
-    cases = _cases(params, flat, device)
+    cases = _cases(params, contiguous, flat, device)
     with torch.no_grad():  # as inside optimizer.step, where Lightning calls the callback's hooks
         samples = interleaved(cases, repeats=repeats, warmup=warmup, device=device)
     reference = next(iter(cases))
@@ -116,7 +130,7 @@ def run_layout(
                 f"{best / min(samples[reference]):.2f}",
             ]
         )
-    del params, flat, cases, samples
+    del params, contiguous, flat, cases, samples
     gc.collect()
     return rows
 

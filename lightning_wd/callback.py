@@ -97,6 +97,31 @@ class _Bucket:
     checked_precision: bool = False
     layouts: list[list[F._Layout]] = field(default_factory=list)
     sharded: bool = False
+    #: Per chunk: one flat view over its tensors when they lie back to back in memory (see
+    #: ``functional.make_contiguous_``), and the addresses that view was made for.
+    flats: list[Tensor | None] = field(default_factory=list)
+    addresses: list[list[int]] = field(default_factory=list)
+
+    def whole(self) -> list[Tensor]:
+        """The group's tensors for a norm: each contiguous chunk as its one flat view, the others as they are."""
+        if all(f is None for f in self.flats):
+            return self.params
+        out: list[Tensor] = []
+        for c, chunk in enumerate(self.chunks):
+            flat = self.flat(c)
+            out.extend(chunk if flat is None else (flat,))
+        return out
+
+    def flat(self, c: int) -> Tensor | None:
+        """Chunk ``c``'s flat view, if its tensors still lie where it was made (else rebuilt, or None)."""
+        flat = self.flats[c] if self.flats else None
+        if flat is None:
+            return None
+        chunk = self.chunks[c]
+        if list(map(Tensor.data_ptr, chunk)) != self.addresses[c]:  # a parameter's data was replaced
+            self.flats[c] = flat = F.flat_view(chunk)
+            self.addresses[c] = list(map(Tensor.data_ptr, chunk))
+        return flat
 
 
 class _Part(NamedTuple):
@@ -534,7 +559,11 @@ class WeightDecayCallback(Callback):
                     befores[c] = before  # drop the copies of tensors without a gradient; the decay frees the rest
                 if params:
                     local = bucket.sharded and (wd > 0 or logging)  # the local shards, where they are used
-                    parts.append(_Part(params, _local(params) if local else params, layouts, before))
+                    flat = bucket.flat(c) if params is chunk and not before and wd > 0 else None
+                    if flat is not None:  # every tensor of a contiguous chunk: one kernel over its buffer
+                        parts.append(_Part(params, [flat], [None], before))
+                    else:
+                        parts.append(_Part(params, _local(params) if local else params, layouts, before))
             step: Tensor | float | None = None
             if parts:
                 if logging:
@@ -617,7 +646,7 @@ class WeightDecayCallback(Callback):
         if not self.log_norms:
             return
         name = bucket.name
-        metrics[f"{name}/param_norm"] = F.global_norm(bucket.params)
+        metrics[f"{name}/param_norm"] = F.global_norm(bucket.whole())
         metrics[f"{name}/weight_decay"] = wd
         if step is None:
             return
@@ -646,6 +675,8 @@ class WeightDecayCallback(Callback):
 
 def _make_bucket(name: str, group: dict[str, Any], wd: float, params: list[Tensor]) -> _Bucket:
     chunks = F.group_by_device_and_dtype(params)
+    sharded = any(F._is_dtensor(p) for p in params)
+    flats = [None if sharded or len(chunk) < 2 else F.flat_view(chunk) for chunk in chunks]
     return _Bucket(
         name=name,
         group=group,
@@ -654,7 +685,12 @@ def _make_bucket(name: str, group: dict[str, Any], wd: float, params: list[Tenso
         chunks=chunks,
         numel=sum(p.numel() for p in params),  # a DTensor's numel is that of the whole tensor
         layouts=[[_layout(name, p) for p in chunk] for chunk in chunks],
-        sharded=any(F._is_dtensor(p) for p in params),
+        sharded=sharded,
+        flats=flats,
+        addresses=[
+            list(map(Tensor.data_ptr, chunk)) if flat is not None else []
+            for chunk, flat in zip(chunks, flats, strict=True)
+        ],
     )
 
 

@@ -39,8 +39,10 @@ from torch import Tensor
 __all__ = [
     "apply_decay_",
     "cautious_mask",
+    "flat_view",
     "global_norm",
     "group_by_device_and_dtype",
+    "make_contiguous_",
     "mean_abs",
     "rms",
 ]
@@ -94,6 +96,115 @@ def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
     for t in tensors:
         buckets.setdefault((t.device, t.dtype), []).append(t)
     return list(buckets.values())
+
+
+def _is_plain(t: Tensor) -> bool:
+    return type(t) in (Tensor, torch.nn.Parameter)
+
+
+@torch.no_grad()
+def make_contiguous_(tensors: Sequence[Tensor]) -> Tensor:
+    """Move ``tensors`` into one flat buffer, in order; each keeps its identity, shape and values.
+
+    Afterwards every tensor's ``.data`` is a view of the returned buffer, so that an elementwise
+    pass over all of them (a decay step) is one kernel over the buffer instead of one per tensor:
+    on CPU, where ``torch._foreach_*`` calls the operator once per tensor, that is what brings the
+    decay of thousands of small parameters to the speed of one large one. Call it once the
+    parameters are on their device (``Module.to`` gives each its own storage again) and before
+    the optimizer holds state for them; :class:`~lightning_wd.WDMixin` does it per parameter group
+    with ``contiguous_parameters = True``.
+
+    Args:
+        tensors: Plain tensors or parameters of one device and dtype (not DTensors), each once.
+
+    Returns:
+        The 1-D buffer holding them all.
+
+    Raises:
+        ValueError: if ``tensors`` is empty, mixes devices or dtypes, holds a tensor twice, or holds a
+            tensor subclass such as a DTensor (whose storage is a shard).
+
+    Example::
+
+        >>> a, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.zeros(3))
+        >>> buffer = make_contiguous_([a, b])
+        >>> buffer
+        tensor([1., 1., 1., 1., 0., 0., 0.])
+        >>> buffer.mul_(0.5)[:2]
+        tensor([0.5000, 0.5000])
+        >>> a
+        Parameter containing:
+        tensor([[0.5000, 0.5000],
+                [0.5000, 0.5000]], requires_grad=True)
+    """
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("`tensors` is empty; give the parameters to lay out in one buffer.")
+    if len(group_by_device_and_dtype(tensors)) > 1:
+        raise ValueError(
+            "`tensors` mixes devices or dtypes, which one buffer cannot hold. Split them first with"
+            " `group_by_device_and_dtype(tensors)` and lay out each list on its own."
+        )
+    if len({id(t) for t in tensors}) != len(tensors):
+        raise ValueError("`tensors` holds a tensor more than once (a tied parameter?); give each tensor once.")
+    odd = [type(t).__name__ for t in tensors if not _is_plain(t)]
+    if odd:
+        raise ValueError(
+            f"`tensors` holds {odd[0]} tensors, whose storage is not theirs alone to move (a DTensor's is a shard)."
+            " Give plain tensors or nn.Parameters."
+        )
+    first = tensors[0]
+    buffer = torch.empty(sum(t.numel() for t in tensors), dtype=first.dtype, device=first.device)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        buffer[offset : offset + n].copy_(t.detach().reshape(-1))
+        offset += n
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.data = buffer[offset : offset + n].view(t.shape)
+        offset += n
+    return buffer
+
+
+def flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
+    """One 1-D view covering ``tensors`` when they lie back to back in one storage, else None.
+
+    True for the parameters laid out by :func:`make_contiguous_` (in that order, none replaced
+    since); the view shares their memory, so an elementwise in-place operation on it updates
+    them all at once.
+
+    Example::
+
+        >>> buffer = torch.arange(6.0)
+        >>> a, b = buffer[:2].view(1, 2), buffer[2:]
+        >>> flat_view([a, b]).mul_(10)
+        tensor([ 0., 10., 20., 30., 40., 50.])
+        >>> flat_view([b, a]) is None, flat_view([a]) is None
+        (True, False)
+    """
+    if not tensors:
+        return None
+    first = tensors[0]
+    if not _is_plain(first):
+        return None
+    storage = first.untyped_storage().data_ptr()
+    size = first.element_size()
+    end = first.data_ptr()
+    for t in tensors:
+        if (
+            not _is_plain(t)
+            or t.dtype != first.dtype
+            or t.device != first.device
+            or t.data_ptr() != end
+            or not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != storage
+        ):
+            return None
+        end += t.numel() * size
+    total = (end - first.data_ptr()) // size
+    return first.detach().new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (total,), (1,))
 
 
 def _on(step: Step, device: torch.device) -> Step:

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
+from lightning_wd.functional import group_by_device_and_dtype, make_contiguous_
 from lightning_wd.plan import DecayPlan, PlanError, _check_plan_options, _check_rules
 from lightning_wd.rules import DecayRule
 
@@ -61,6 +62,11 @@ class WDMixin:
     * ``decay_plan_options``: keyword options for :meth:`DecayPlan.from_module`
       (``include_frozen``, ``strict``, ``merge``, ...); a class attribute or init argument too.
     * ``show_decay_plan``: print the plan table at fit start on rank zero (default True).
+    * ``contiguous_parameters``: lay out each parameter group's tensors (per device and dtype) in
+      one flat buffer (:func:`lightning_wd.functional.make_contiguous_`), so that
+      :class:`~lightning_wd.WeightDecayCallback` decays a group with one kernel instead of one per
+      tensor, which matters on CPU for models of many small tensors (default False). Values,
+      identities and shapes are unchanged; sharded (DTensor) parameters are left as they are.
 
     Each group keeps ``name``, ``param_names`` and ``weight_decay``; where a rule scales the
     learning rate the group's absolute ``lr`` is written, so torch schedulers work. The
@@ -85,6 +91,7 @@ class WDMixin:
     decay_rules: Sequence[DecayRule] | None = None
     decay_plan_options: Mapping[str, Any] = {}
     show_decay_plan: bool = True
+    contiguous_parameters: bool = False
 
     def __init__(
         self,
@@ -139,10 +146,10 @@ class WDMixin:
                 " optimizer and set the decay in the rules."
             )
         show = getattr(self, "show_decay_plan", True)
-        if not isinstance(show, bool):
-            raise TypeError(
-                f"`show_decay_plan` must be True or False, got {type(show).__name__} {show!r}. Pass a bool."
-            )
+        contiguous = getattr(self, "contiguous_parameters", False)
+        for flag, argument in ((show, "show_decay_plan"), (contiguous, "contiguous_parameters")):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{argument}` must be True or False, got {type(flag).__name__} {flag!r}. Pass a bool.")
         rules = _resolved(self, "decay_rules")
         options = _resolved(self, "decay_plan_options") or {}
         _check_plan_options(options, "`decay_plan_options`")
@@ -171,9 +178,17 @@ class WDMixin:
             rank_zero_info(f"Weight decay plan for {type(self).__name__}:\n{plan.table()}")
 
         scheduler = getattr(self, "scheduler", None)
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": _build_scheduler(scheduler, optimizer)}
+        config = (
+            optimizer
+            if scheduler is None
+            else {"optimizer": optimizer, "lr_scheduler": _build_scheduler(scheduler, optimizer)}
+        )
+        if contiguous:  # last: everything that can fail has been checked
+            for group in plan.groups:
+                for chunk in group_by_device_and_dtype(group.params):
+                    if len(chunk) > 1 and all(type(p) is torch.nn.Parameter for p in chunk):
+                        make_contiguous_(chunk)
+        return config
 
     def on_train_start(self) -> None:
         """Give the decay back to the optimizer when a run handed over to the callback resumes without it.

@@ -426,6 +426,14 @@ for value, error, match in [
     case("WDMixin", "scheduler", configure, dict(model=Fresh(mixin, scheduler=value)), error, match)
 case("WDMixin", "scheduler", fit, dict(model=Fresh(mixin, scheduler="cosine")), TypeError, "a callable taking")
 case("WDMixin", "show_decay_plan", configure, dict(model=Fresh(mixin, show_decay_plan="no")), TypeError, "Pass a bool")
+case(
+    "WDMixin",
+    "contiguous_parameters",
+    configure,
+    dict(model=Fresh(mixin, contiguous_parameters=1)),
+    TypeError,
+    r"`contiguous_parameters` must be True or False, got int 1\. Pass a bool",
+)
 
 # WeightDecayCallback: arguments, then what needs the trainer (at fit start)
 CB = lwd.WeightDecayCallback
