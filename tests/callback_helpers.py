@@ -292,3 +292,19 @@ class InterleavedData(L.LightningDataModule):
             data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
         )
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+
+class CleanDistributedExit(Callback):
+    """Destroy the process group at the end of fit, in every process, after a barrier.
+
+    Lightning leaves a gloo process group alive until the interpreter exits, where its worker
+    threads are sometimes torn down mid-flight ("terminate called without an active exception",
+    SIGABRT). Put it last in ``callbacks``, for every multi-process test run.
+    """
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

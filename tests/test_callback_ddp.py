@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lightning_wd as lwd
-from tests.callback_helpers import InterleavedData, WDNet, loader
+from tests.callback_helpers import CleanDistributedExit, InterleavedData, WDNet, loader
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def test_ddp_spawn_matches_single_process(tmp_path):
         use_distributed_sampler=False,
         logger=logger,
         log_every_n_steps=1,
-        callbacks=[lwd.WeightDecayCallback(**CB_KWARGS), CheckAcrossRanks(str(ref_path))],
+        callbacks=[lwd.WeightDecayCallback(**CB_KWARGS), CheckAcrossRanks(str(ref_path)), CleanDistributedExit()],
     )
     t.fit(WDNet(), datamodule=InterleavedData(batch_size=GLOBAL_BATCH // 2))
     logged = _last_logged_norm(Path(logger.log_dir))

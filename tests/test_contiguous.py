@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 import lightning_wd as lwd
 from lightning_wd import functional as F
-from tests.callback_helpers import InterleavedData, loader, make_data, trainer
+from tests.callback_helpers import CleanDistributedExit, InterleavedData, loader, make_data, trainer
 
 LR, WD = 0.1, 0.3
 
@@ -190,7 +190,7 @@ def test_contiguous_groups_under_ddp_match_the_reference(tmp_path):
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=tmp_path,
-        callbacks=[lwd.WeightDecayCallback(mode="decoupled"), CheckRanksAgree()],
+        callbacks=[lwd.WeightDecayCallback(mode="decoupled"), CheckRanksAgree(), CleanDistributedExit()],
     )
     t.fit(model, datamodule=InterleavedData(batch_size=4))  # global batch 8, as the reference
     expected = reference_run(steps=5)

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 import lightning_wd as lwd
-from tests.callback_helpers import WDNet, loader, make_data
+from tests.callback_helpers import CleanDistributedExit, WDNet, loader, make_data
 from tests.test_callback_ddp import CheckAcrossRanks
 
 N = 37  # not divisible by world_size * batch for 2 or 3 processes
@@ -200,6 +200,7 @@ def test_ddp_uneven_data_matches_single_process_and_ranks_agree_on_collectives(t
             lwd.WeightDecayCallback(**CB_KWARGS),
             CheckAcrossRanks(str(ref_path)),
             CollectiveRecorder(),
+            CleanDistributedExit(),
         ],
     )
     t.fit(WDNet(), loader(n=N, batch_size=BATCH))

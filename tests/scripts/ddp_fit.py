@@ -36,3 +36,6 @@ if __name__ == "__main__":
         assert torch.equal(g[0], g[1]), f"{n} differs across ranks"
     if trainer.is_global_zero:
         torch.save(params, out)
+    # Lightning leaves a gloo group alive until exit, where its threads may abort: end it cleanly.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
