@@ -196,3 +196,25 @@ def test_contiguous_groups_under_ddp_match_the_reference(tmp_path):
     expected = reference_run(steps=5)
     for name, p in model.named_parameters():  # ddp_spawn copies the trained weights back
         torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_contiguous_run_resumes_bitwise_from_a_checkpoint(tmp_path):
+    """Two epochs straight equal one epoch, a checkpoint, and one more epoch resumed (views of one
+    buffer are saved and loaded like any parameters; the resumed model is laid out again)."""
+
+    def fit(root: Any, epochs: int, ckpt: str | None = None, save: str | None = None) -> ManySmall:
+        model = ManySmall(contiguous=True)
+        t = trainer(root, [lwd.WeightDecayCallback(mode="decoupled")], max_epochs=epochs)
+        t.fit(model, loader(), ckpt_path=ckpt)
+        if save:
+            t.save_checkpoint(save)
+        return model
+
+    straight = fit(tmp_path / "a", 2)
+    ckpt = str(tmp_path / "half.ckpt")
+    fit(tmp_path / "b", 1, save=ckpt)
+    assert torch.load(ckpt, weights_only=True)["state_dict"]["hidden.3.weight"].shape == (4, 4)
+    resumed = fit(tmp_path / "c", 2, ckpt=ckpt)
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert F.flat_view([layer.weight for layer in resumed.hidden]) is not None  # still one buffer per group
