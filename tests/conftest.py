@@ -16,6 +16,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from tests.helpers import LAUNCH_VARIABLES
+
 settings.register_profile(
     "lwd",
     max_examples=int(os.environ.get("LWD_HYPOTHESIS_EXAMPLES", "300")),
@@ -34,17 +36,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-#: Variables a distributed launch leaves in ``os.environ`` (Lightning's ``ddp_spawn`` sets MASTER_PORT
-#: in the test process itself).
-_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
-
-
 @pytest.fixture(autouse=True)
 def _fresh_launch_environment() -> Iterator[None]:
     """Each test starts without the launch variables an earlier distributed test left behind, so that
     every multi-process run picks a free port of its own instead of reusing one whose socket may linger."""
-    saved = {k: os.environ.pop(k) for k in _LAUNCH_VARIABLES if k in os.environ}
+    saved = {k: os.environ.pop(k) for k in LAUNCH_VARIABLES if k in os.environ}
     yield
-    for k in _LAUNCH_VARIABLES:
+    for k in LAUNCH_VARIABLES:
         os.environ.pop(k, None)
     os.environ.update(saved)

@@ -1,4 +1,4 @@
-"""Test helpers shared by the test modules: ``RunIf`` skip markers.
+"""Test helpers shared by the test modules: ``RunIf`` skip markers, and running a script of ``tests/scripts``.
 
 ``RunIf`` follows Lightning's own test helper: one decorator that both marks a test
 (``cuda``) and skips it when the requirement is not met, so that
@@ -7,7 +7,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -53,3 +57,26 @@ def RunIf(*, cuda: bool = False, min_cuda_gpus: int = 0, min_torch: str | None =
         return obj
 
     return decorate
+
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Variables a distributed launch leaves in ``os.environ`` (Lightning's ``ddp_spawn`` sets MASTER_PORT
+#: in the test process itself).
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``tests/scripts/<name>`` in a fresh interpreter that imports this repository's ``tests`` and
+    starts its own process group (no launch variables inherited), and assert that it exited with 0."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / name), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -15,10 +12,10 @@ import torch
 
 import lightning_wd as lwd
 from tests.callback_helpers import CleanDistributedExit, InterleavedData, WDNet, loader
+from tests.helpers import run_script
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 8
 CB_KWARGS = dict(mode="relative", source="update", cautious=True)
 
@@ -89,16 +86,7 @@ def test_ddp_spawn_matches_single_process(tmp_path):
 def test_ddp_script_in_subprocess(tmp_path):
     reference = single_process_reference(tmp_path)
     out = tmp_path / "ddp_params.pt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "scripts" / "ddp_fit.py"), str(out), str(tmp_path / "run")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_script("ddp_fit.py", str(out), str(tmp_path / "run"), cwd=tmp_path)
     ddp = torch.load(out, weights_only=True)
     for name, value in reference.items():
         torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6)

@@ -179,19 +179,8 @@ class CheckRanksAgree(L.Callback):
 @pytest.mark.slow
 def test_contiguous_groups_under_ddp_match_the_reference(tmp_path):
     model = ManySmall(contiguous=True)
-    t = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=1,
-        use_distributed_sampler=False,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[lwd.WeightDecayCallback(mode="decoupled"), CheckRanksAgree(), CleanDistributedExit()],
-    )
+    callbacks = [lwd.WeightDecayCallback(mode="decoupled"), CheckRanksAgree(), CleanDistributedExit()]
+    t = trainer(tmp_path, callbacks, devices=2, strategy="ddp_spawn", use_distributed_sampler=False)
     t.fit(model, datamodule=InterleavedData(batch_size=4))  # global batch 8, as the reference
     expected = reference_run(steps=5)
     for name, p in model.named_parameters():  # ddp_spawn copies the trained weights back

@@ -18,21 +18,18 @@ elements of the full tensors, never through ``lightning_wd``.
 from __future__ import annotations
 
 import math
-import os
 import socket
-import subprocess
-import sys
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor
 
+from tests.helpers import run_script
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 
 
@@ -270,22 +267,9 @@ def test_functional_on_dtensors_matches_full_tensors_in_two_processes():
 
 
 # ---------------------------------------------------------------- ModelParallelStrategy + fully_shard, 2 processes
-_LAUNCH_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"}
-
-
 @pytest.mark.parametrize("mode", ["decoupled", "relative"])
 def test_fsdp2_script_in_subprocess_matches_single_process(tmp_path, mode):
     """The script asserts (on rank 0) the gathered parameters against the reference and the logged norms
     against the gathered parameters, and exits non-zero on a mismatch."""
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}  # the script starts its own group
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "scripts" / "fsdp2_fit.py"), mode, str(tmp_path / "run")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script("fsdp2_fit.py", mode, str(tmp_path / "run"), cwd=tmp_path)
     assert f"fsdp2_fit OK: mode={mode}, 10 logged steps" in result.stdout, result.stdout[-3000:]
