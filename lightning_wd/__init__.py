@@ -4,16 +4,36 @@ Declarative decay rules resolved over any model into a checked, explainable plan
 (:class:`DecayRule`, :mod:`presets`, :class:`DecayPlan`, :func:`build_param_groups`),
 a ``LightningModule`` mixin that turns the plan into ``configure_optimizers``
 (:class:`WDMixin`), and a callback that applies decoupled, lr-independent, relative,
-L1 or cautious decay after every real optimizer step (:class:`WeightDecayCallback`).
+L1 or cautious decay after every real step of any torch optimizer (:class:`WeightDecay`), and
+its Lightning adapter (:class:`WeightDecayCallback`). Plain PyTorch use never imports Lightning.
 """
+
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightning_wd import functional, presets, schedules
-from lightning_wd.callback import WeightDecayCallback
-from lightning_wd.mixin import WDMixin
+from lightning_wd.engine import WeightDecay
 from lightning_wd.plan import DecayPlan, PlanError, build_param_groups
 from lightning_wd.rules import DecayRule
+
+if TYPE_CHECKING:
+    from lightning_wd.callback import WeightDecayCallback
+    from lightning_wd.mixin import WDMixin
+
+#: The Lightning shell, imported on first use, so that plain PyTorch use never imports Lightning.
+_LIGHTNING_NAMES = {"WDMixin": "lightning_wd.mixin", "WeightDecayCallback": "lightning_wd.callback"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LIGHTNING_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_wd' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 # Rules saved with a module's hyper-parameters (`save_hyperparameters()` with a `decay_rules` argument)
 # must load under `torch.load(weights_only=True)`, Lightning's default: the rule class (validated again
@@ -29,6 +49,7 @@ __all__ = [
     "DecayRule",
     "PlanError",
     "WDMixin",
+    "WeightDecay",
     "WeightDecayCallback",
     "__version__",
     "build_param_groups",

@@ -16,6 +16,7 @@ import functools
 import gc
 import math
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -721,12 +722,13 @@ def _check_rules(rules: Sequence[DecayRule] | None, argument: str = "rules") -> 
 
 
 def _warn(message: str) -> None:
-    try:
+    """Through Lightning's rank-zero warning where Lightning is in use; plain PyTorch use never imports it."""
+    if "lightning.pytorch" in sys.modules:
         from lightning.pytorch.utilities import rank_zero_warn
-    except ImportError:  # pragma: no cover - lightning is a dependency, but the core does not need it
-        warnings.warn(message, UserWarning, stacklevel=3)
-    else:
+
         rank_zero_warn(message, category=UserWarning)
+    else:
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 #: Keyword options of :meth:`DecayPlan.from_module` that ``build_param_groups`` and ``WDMixin`` pass on.

@@ -1,0 +1,941 @@
+"""``WeightDecay``: decay applied after every real step of any torch optimizer (pure torch, no Lightning).
+
+One source of truth for λ: a parameter group's own ``weight_decay``, the value every tool of the
+ecosystem reads and writes (LearningRateMonitor, weight-decay schedules, timm, checkpoint loaders,
+a resume without this package). The engine takes the decay out of the optimizer only for the
+duration of each step, and never leaves a group changed outside it:
+
+1. the optimizer's ``step`` is wrapped on the instance; the wrapper reads each group's
+   ``weight_decay`` (λ) and sets it to 0, so the optimizer's own update carries no decay;
+2. the optimizer steps (its closure, if any, runs inside, as torch and Lightning call it);
+3. in a ``finally`` block, each group's λ is written back, so that an exception in the closure or
+   the step never leaves 0 behind; a value written during the step (by a hook) is kept;
+4. if the step really happened, the decay is applied with the λ read in 1.
+
+A step the AMP grad scaler skips never calls ``step`` (no decay); a fused optimizer that the scaler
+steps on overflow is given ``found_inf``, which zeroes the decay on the device, with no host sync.
+Because the decay is read from the group at every step, code that writes ``weight_decay`` during
+training (a DINO-style schedule) is followed at the next step, and a resume from any checkpoint that
+restores the optimizer's groups restores λ.
+
+Groups built from a plan (:func:`~lightning_wd.build_param_groups`, :class:`~lightning_wd.WDMixin`)
+are decayed as a whole with their λ. With ``rules=`` (and the ``module`` to name the parameters),
+a group built from raw parameters with ``weight_decay=0`` has its tensors decayed as the rules say
+(the rules are the engine's configuration; the group's own λ, 0, is what the optimizer applies
+without the engine); a group with its own ``weight_decay`` that the rules would decay differently is
+refused when the engine is attached, and decayed with its own λ (with a warning) when it appears
+later.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+import weakref
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, cast, get_args
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_wd import functional as F
+from lightning_wd.plan import DecayPlan, _check_plan_options, _check_rules
+from lightning_wd.rules import DecayRule
+
+__all__ = ["WeightDecay"]
+
+Mode = Literal["decoupled", "lr_ratio", "independent", "relative"]
+Source = Literal["grad", "params", "update"]
+Metric = Literal["mean_abs", "rms"]
+
+#: Group key marking a group built from a decay plan (its ``weight_decay`` is the plan's λ, kept as is).
+PLANNED_KEY = "lwd_planned"
+#: Group key holding the group's initial lr when no scheduler recorded ``initial_lr`` (``lr_ratio``).
+INITIAL_LR_KEY = "lwd_initial_lr"
+#: Keys of checkpoints written before λ lived in ``weight_decay`` alone (read once, then removed).
+LEGACY_WD_KEY = "lwd_weight_decay"
+LEGACY_PLANNED_KEY = "lwd_planned_weight_decay"
+
+_STATE_VERSION = 2
+
+
+class SetupError(ValueError):
+    """A configuration that cannot be decayed correctly, found when the engine is attached."""
+
+
+def _warn(message: str) -> None:
+    """Warn once per process group: on rank zero only when torch.distributed is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _choice(value: Any, argument: str, choices: Any) -> None:
+    options = get_args(choices)
+    if isinstance(value, bool) or value not in options:
+        raise ValueError(
+            f"`{argument}` must be one of {list(options)}, got {value!r}; use any of the following: "
+            + ", ".join(repr(o) for o in options)
+            + "."
+        )
+
+
+def _flag(value: Any, argument: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{argument}` must be True or False, got {type(value).__name__} {value!r}. Pass a bool.")
+
+
+@dataclass(frozen=True)
+class DecayOptions:
+    """The validated options of a decay: shared by :class:`WeightDecay` and the Lightning callback.
+
+    Raises:
+        ValueError: on an unknown ``mode``, ``source``, ``metric`` or ``ord``, or ``source``/``metric``
+            given for a mode other than ``"relative"``.
+        TypeError: on ``cautious`` that is not a bool or a ``schedule`` that is not callable.
+    """
+
+    mode: Mode = "decoupled"
+    ord: Literal[1, 2] = 2
+    cautious: bool = False
+    source: Source | None = None
+    metric: Metric | None = None
+    schedule: Callable[[int], float] | None = None
+
+    def __post_init__(self) -> None:
+        _choice(self.mode, "mode", Mode)
+        if isinstance(self.ord, bool) or self.ord not in (1, 2):
+            raise ValueError(
+                f"`ord` must be 1 (L1 soft threshold) or 2 (multiplicative decay), got {self.ord!r}; use any of"
+                " the following: 1, 2."
+            )
+        if self.mode != "relative" and (self.source is not None or self.metric is not None):
+            raise ValueError(
+                f"`source` and `metric` only apply to mode='relative', got mode={self.mode!r} with"
+                f" source={self.source!r}, metric={self.metric!r}. Use mode='relative' or drop them."
+            )
+        object.__setattr__(self, "source", self.source if self.source is not None else "params")
+        object.__setattr__(self, "metric", self.metric if self.metric is not None else "mean_abs")
+        _choice(self.source, "source", Source)
+        _choice(self.metric, "metric", Metric)
+        _flag(self.cautious, "cautious")
+        if self.schedule is not None and not callable(self.schedule):
+            raise TypeError(
+                f"`schedule` must be None or a callable step -> multiplier (for example"
+                f" lwd.schedules.Cosine(start=1.0, end=0.1)), got {type(self.schedule).__name__} {self.schedule!r}."
+            )
+
+    def needs_snapshot(self, tracking_updates: bool) -> bool:
+        """Whether a step needs the parameters from just before it."""
+        return self.cautious or (self.mode == "relative" and self.source == "update") or tracking_updates
+
+
+def unwrap_optimizer(optimizer: Any) -> Optimizer:
+    """The torch optimizer inside Lightning's, Fabric's or accelerate's optimizer wrappers.
+
+    Raises:
+        TypeError: if ``optimizer`` is not a torch optimizer or such a wrapper.
+    """
+    inner = optimizer
+    for _ in range(8):
+        nested = getattr(inner, "_optimizer", None)  # LightningOptimizer, Fabric's _FabricOptimizer
+        if not isinstance(nested, Optimizer) and hasattr(inner, "param_groups"):
+            nested = getattr(inner, "optimizer", None)  # accelerate's AcceleratedOptimizer (not an LR scheduler)
+        if not isinstance(nested, Optimizer) or nested is inner:
+            break
+        inner = nested
+    if not isinstance(inner, Optimizer):
+        raise TypeError(
+            f"`optimizer` must be a torch.optim.Optimizer (or Lightning's, Fabric's or accelerate's wrapper of one),"
+            f" got {type(optimizer).__name__} {optimizer!r}. Pass the optimizer itself, for example"
+            " lwd.WeightDecay(torch.optim.AdamW(groups, lr=3e-4))."
+        )
+    return inner
+
+
+def migrate_legacy_groups_(optimizer: Optimizer) -> list[str]:
+    """Move λ of groups restored from an older checkpoint back into ``weight_decay``.
+
+    Checkpoints written before λ lived in ``weight_decay`` alone held the decay under
+    ``lwd_weight_decay`` with the group's ``weight_decay`` set to 0. Returns the groups moved.
+    """
+    moved = []
+    for index, group in enumerate(optimizer.param_groups):
+        if LEGACY_PLANNED_KEY in group:
+            group.pop(LEGACY_PLANNED_KEY)
+            group[PLANNED_KEY] = True
+        if LEGACY_WD_KEY in group:
+            group["weight_decay"] = float(group.pop(LEGACY_WD_KEY))
+            moved.append(f"{group.get('name', f'pg{index + 1}')}={group['weight_decay']}")
+    return moved
+
+
+@dataclass
+class _Bucket:
+    """Parameters of one optimizer group that share a λ: the unit of decay and of logging.
+
+    ``rule_wd`` is None for a group decayed as a whole (λ is the group's ``weight_decay``, read at
+    every step), else the λ the rules give these tensors of a raw group. ``chunks`` split
+    ``params`` by device and dtype (``dtypes`` records them, to notice a ``.half()``); ``layouts``
+    holds, per chunk tensor, how a sharded (DTensor) parameter spreads over processes.
+    """
+
+    name: str
+    group: dict[str, Any]
+    index: int
+    rule_wd: float | None
+    params: list[Tensor]
+    chunks: list[list[Tensor]]
+    dtypes: list[torch.dtype]
+    numel: int
+    layouts: list[list[F._Layout]] = field(default_factory=list)
+    sharded: bool = False
+    #: Per chunk: one flat view over its tensors when they lie back to back in memory (see
+    #: ``functional.make_contiguous_``), and the addresses that view was made for.
+    flats: list[Tensor | None] = field(default_factory=list)
+    addresses: list[list[int]] = field(default_factory=list)
+    checked_precision: bool = False
+    warned_clamp: bool = False
+    #: What the last step applied: λ·multiplier and the step size (a number or a 0-dim tensor).
+    last_wd: float | None = None
+    last_step: Tensor | float | None = None
+    update_norm: Tensor | None = None
+
+    def whole(self) -> list[Tensor]:
+        """The group's tensors for a norm: each contiguous chunk as its one flat view, the others as they are."""
+        if all(f is None for f in self.flats):
+            return self.params
+        out: list[Tensor] = []
+        for c, chunk in enumerate(self.chunks):
+            flat = self.flat(c)
+            out.extend(chunk if flat is None else (flat,))
+        return out
+
+    def flat(self, c: int) -> Tensor | None:
+        """Chunk ``c``'s flat view, if its tensors still lie where it was made (else rebuilt, or None)."""
+        flat = self.flats[c] if self.flats else None
+        if flat is None:
+            return None
+        chunk = self.chunks[c]
+        if list(map(Tensor.data_ptr, chunk)) != self.addresses[c]:  # a parameter's data was replaced
+            self.flats[c] = flat = F.flat_view(chunk)
+            self.addresses[c] = list(map(Tensor.data_ptr, chunk))
+        return flat
+
+    def stale(self) -> bool:
+        """Whether a parameter changed dtype or device since the bucket was built (``.half()``, ``.to()``)."""
+        return any(chunk[0].dtype != dtype for chunk, dtype in zip(self.chunks, self.dtypes, strict=True))
+
+
+class _Part(NamedTuple):
+    """One device/dtype chunk of a bucket at a step: the parameters that have a gradient."""
+
+    params: list[Tensor]  # the parameters (DTensors where sharded): their `.grad`, their global norms
+    tensors: list[Tensor]  # what the decay updates in place: the parameters, or their local shards
+    layouts: list[F._Layout]
+    before: list[Tensor]  # copies of `tensors` from just before the optimizer step, or []
+
+
+def _with_grad(chunk: list[Tensor], *others: list[Any]) -> tuple[list[Any], ...]:
+    """Keep only the tensors of ``chunk`` (and the matching ones of ``others``) that have a gradient."""
+    if all(p.grad is not None for p in chunk):
+        return (chunk, *others)
+    keep = [i for i, p in enumerate(chunk) if p.grad is not None]
+    return tuple([lst[i] for i in keep] for lst in (chunk, *others))
+
+
+def _local(tensors: list[Tensor]) -> list[Tensor]:
+    """Each process's local shard of DTensors (sharing their storage; call under no_grad), other tensors as they are."""
+    return [t.to_local() if F._is_dtensor(t) else t for t in tensors]
+
+
+def _make_bucket(name: str, group: dict[str, Any], index: int, rule_wd: float | None, params: list[Tensor]) -> _Bucket:
+    chunks = F.group_by_device_and_dtype(params)
+    sharded = any(F._is_dtensor(p) for p in params)
+    flats = [None if sharded or len(chunk) < 2 else F.flat_view(chunk) for chunk in chunks]
+    return _Bucket(
+        name=name,
+        group=group,
+        index=index,
+        rule_wd=rule_wd,
+        params=params,
+        chunks=chunks,
+        dtypes=[chunk[0].dtype for chunk in chunks],
+        numel=sum(p.numel() for p in params),  # a DTensor's numel is that of the whole tensor
+        layouts=[[_layout(name, p) for p in chunk] for chunk in chunks],
+        sharded=sharded,
+        flats=flats,
+        addresses=[
+            list(map(Tensor.data_ptr, chunk)) if flat is not None else []
+            for chunk, flat in zip(chunks, flats, strict=True)
+        ],
+    )
+
+
+def _layout(group: str, p: Tensor) -> F._Layout:
+    try:
+        return F._layout(p)
+    except ValueError:
+        raise SetupError(
+            "Weight decay is applied to each process's local shard of a sharded parameter, which is exact for Shard"
+            f" and Replicate placements only, but a parameter of group {group!r} is a DTensor with placements"
+            f" {tuple(getattr(p, 'placements', ()))}. Shard or replicate it (FSDP2's `fully_shard`, or"
+            " `distribute_tensor` with Shard/Replicate placements), or leave that group's weight decay to the optimizer."
+        ) from None
+
+
+def _lambda(value: Any) -> float | None:
+    """A group's ``weight_decay`` as a float, or None when it is not a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _signature(optimizer: Optimizer) -> tuple[tuple[int, int, int, Any], ...]:
+    """What identifies the optimizer's groups: a change means groups were added, replaced, renamed or refilled."""
+    return tuple((id(g), id(g["params"]), len(g["params"]), g.get("name")) for g in optimizer.param_groups)
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """The duplicated names among ``names`` (in first-seen order), in one pass."""
+    return [n for n, count in Counter(names).items() if count > 1]
+
+
+def _dedupe(names: list[str]) -> list[str]:
+    """``names`` with each repeat suffixed ``-1``, ``-2``, ... (as LearningRateMonitor does for optimizers)."""
+    seen: Counter[str] = Counter()
+    taken = set(names)
+    out = []
+    for n in names:
+        k = seen[n]
+        seen[n] += 1
+        candidate = n
+        while k and (candidate := f"{n}-{k}") in taken:
+            k += 1
+        taken.add(candidate)
+        out.append(candidate)
+    return out
+
+
+class WeightDecay:
+    r"""Decay applied after every real step of a torch optimizer, with any optimizer, without Lightning.
+
+    With η\ :sub:`t` the lr the optimizer used in the step (the group's ``lr``), η\ :sub:`0` the
+    group's initial lr, and λ the group's ``weight_decay`` times the schedule's multiplier:
+
+    ============== ===============================================================
+    ``mode``       update after the optimizer step
+    ============== ===============================================================
+    decoupled      ``p <- p * (1 - η_t λ)`` (follows the lr schedule)
+    lr_ratio       ``p <- p * (1 - λ η_t / η_0)`` (the schedule's shape, not its scale)
+    independent    ``p <- p * (1 - λ)``
+    relative       ``p <- p - η_t λ m(s) p``, ``m`` the mean absolute value (or RMS) of ``s``
+                   over the group, ``s`` the gradients, the parameters or the update
+    ============== ===============================================================
+
+    ``ord=1`` replaces the multiplication by the soft threshold with the same step,
+    ``p <- sign(p) max(|p| - step, 0)``. ``cautious=True`` decays only the coordinates that
+    the optimizer's update moved toward zero (``(p_new - p_old) p_old < 0``).
+
+    Each group's λ is its own ``weight_decay``, read at every step; the optimizer sees 0 during its
+    step only (see the module's notes). A multiplicative step above 1 (``1 - step < 0`` would flip
+    the signs of the weights: lr·λ > 1, or a schedule that grows λ) is clamped to 1, with one
+    warning naming the group, lr and λ, decided on the host; in ``relative`` mode the step is a
+    device tensor, clamped on the device, and a group whose measure is not finite (a NaN or inf
+    gradient) is left undecayed for that step. Groups added to the optimizer later, or changed
+    (renamed, refilled, replaced by ``load_state_dict``, cast with ``.half()``), are picked up at
+    the next step.
+
+    Memory: ``cautious=True``, ``source="update"`` and ``track_updates`` copy the decayed
+    parameters just before the optimizer's update and free the copy right after it.
+
+    Args:
+        optimizer: A torch optimizer, or Lightning's, Fabric's or accelerate's wrapper of one.
+        mode: How the step size follows the learning rate (see the table).
+        rules: Decay rules for groups built from raw parameters (needs ``module``); groups from
+            :func:`~lightning_wd.build_param_groups` need none.
+        module: The model, to name the parameters for ``rules``.
+        plan_options: Options for :meth:`~lightning_wd.DecayPlan.from_module` used with ``rules``.
+        ord: 2 for multiplicative decay, 1 for the L1 soft threshold.
+        cautious: Decay only coordinates that the update moved toward zero.
+        source: For ``mode="relative"``, what ``m`` is measured on.
+        metric: For ``mode="relative"``, ``"mean_abs"`` or ``"rms"``.
+        schedule: Multiplier of λ as a function of the optimizer step (see
+            :mod:`lightning_wd.schedules`), or None for a constant λ.
+        total_steps: Length of the run in optimizer steps, for a schedule without its own
+            ``total_steps`` (:class:`~lightning_wd.schedules.Cosine`).
+        track_updates: Measure each group's update norm at every step (for :meth:`metrics`).
+
+    Raises:
+        TypeError: on an ``optimizer`` that is not one, a flag that is not a bool, or ``rules``
+            that are not DecayRule.
+        ValueError: on an unknown ``mode``, ``source``, ``metric`` or ``ord``; on ``rules`` without
+            ``module``; on a group the engine cannot decay correctly (its own ``weight_decay`` not a
+            number >= 0, or decayed differently by ``rules``; ``lr_ratio`` from lr 0), with the
+            optimizer left as it was.
+
+    Example::
+
+        >>> import torch, lightning_wd as lwd
+        >>> model = torch.nn.Linear(2, 2, bias=False)
+        >>> torch.nn.init.ones_(model.weight)
+        Parameter containing:
+        tensor([[1., 1.],
+                [1., 1.]], requires_grad=True)
+        >>> optimizer = torch.optim.SGD(lwd.build_param_groups(model, lwd.presets.standard(0.5)), lr=0.1)
+        >>> decay = lwd.WeightDecay(optimizer)
+        >>> model(torch.zeros(1, 2)).sum().backward()   # zero gradient: only the decay moves the weights
+        >>> optimizer.step()
+        >>> model.weight[0]                              # 1 * (1 - 0.1 * 0.5)
+        tensor([0.9500, 0.9500], grad_fn=<SelectBackward0>)
+        >>> optimizer.param_groups[0]["weight_decay"]    # λ stays where every tool reads it
+        0.5
+        >>> decay.metrics()["decay/weight_decay"]
+        0.5
+        >>> decay.remove()
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        mode: Mode = "decoupled",
+        *,
+        rules: Sequence[DecayRule] | None = None,
+        module: nn.Module | None = None,
+        plan_options: Mapping[str, Any] | None = None,
+        ord: Literal[1, 2] = 2,
+        cautious: bool = False,
+        source: Source | None = None,
+        metric: Metric | None = None,
+        schedule: Callable[[int], float] | None = None,
+        total_steps: int | None = None,
+        track_updates: bool = False,
+        _options: DecayOptions | None = None,
+        _strict: bool = True,
+    ) -> None:
+        opt = unwrap_optimizer(optimizer)
+        options = _options or DecayOptions(mode, ord, cautious, source, metric, schedule)
+        _flag(track_updates, "track_updates")
+        if rules is not None:
+            rules = list(_check_rules(rules))
+            if module is None:
+                raise ValueError(
+                    "`rules` name parameters, so they need the model: pass `module=model` beside `rules`, or build"
+                    " the optimizer's groups with lwd.build_param_groups(model, rules) and give no rules."
+                )
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(f"`module` must be a torch.nn.Module or None, got {type(module).__name__} {module!r}.")
+        if plan_options is not None:
+            _check_plan_options(plan_options, "`plan_options`")
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise ValueError(
+                f"`total_steps` must be None or an int >= 1 (the run's optimizer steps), got {total_steps!r}."
+                " Pass for example total_steps=10_000."
+            )
+        self.optimizer = opt
+        self.options = options
+        self.rules = rules
+        self.track_updates = track_updates
+        self._module_ref = weakref.ref(module) if module is not None else None
+        self._plan_options = dict(plan_options or {})
+        self._schedule = _resolve_schedule(options.schedule, total_steps)
+        self._total_steps = total_steps
+        self.steps = 0
+        self._rule_plan: dict[int, tuple[str, float]] | None = None
+        self._buckets: list[_Bucket] = []
+        self._signature: tuple[Any, ...] = ()
+        self._snapshot: list[list[list[Tensor]]] | None = None
+        self._saved: list[Any] = []
+        self._warned: set[str] = set()
+        self._original: Any = None
+        self._active = False
+        # Plan and check everything before touching the optimizer: an error leaves it as it was.
+        migrate_legacy_groups_(opt)
+        buckets = self._plan(strict=_strict)
+        if self._schedule is not None:
+            _check_schedule(self._schedule, self.steps)
+        self._install(buckets)
+        self._attach()
+
+    # ------------------------------------------------------------------ attach / detach
+    def _attach(self) -> None:
+        opt = self.optimizer
+        original = opt.__dict__.get("step")  # an instance attribute already there (an LR scheduler's wrapper)
+        self._original = original
+        engine = self  # the optimizer keeps its engine alive: `lwd.WeightDecay(optimizer)` needs no variable
+        inner = original if original is not None else types.MethodType(type(opt).step, opt)
+
+        def step(opt: Optimizer, *args: Any, **kwargs: Any) -> Any:
+            if not engine._active:
+                return inner(*args, **kwargs)
+            return engine._step(inner, args, kwargs)
+
+        opt.step = types.MethodType(step, opt)  # type: ignore[method-assign]
+        self._wrapper = opt.step
+        self._active = True
+
+    def remove(self) -> None:
+        """Detach from the optimizer: its ``step`` is as it was, and every group keeps its ``weight_decay``.
+
+        Example::
+
+            >>> import torch, lightning_wd as lwd
+            >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+            >>> decay = lwd.WeightDecay(opt)
+            >>> decay.remove()
+            >>> "step" in opt.__dict__
+            False
+        """
+        if not self._active:
+            return
+        self._active = False
+        opt = self.optimizer
+        if opt.__dict__.get("step") is self._wrapper:  # nobody wrapped it since: restore what was there
+            if self._original is None:
+                del opt.step
+            else:
+                opt.step = self._original  # type: ignore[method-assign]
+        # else a later wrapper calls ours, which now passes straight through
+        self._snapshot = None
+
+    @property
+    def attached(self) -> bool:
+        """Whether the engine decays the optimizer's steps (False after :meth:`remove`)."""
+        return self._active
+
+    # ------------------------------------------------------------------ planning
+    def _module(self) -> nn.Module | None:
+        return self._module_ref() if self._module_ref is not None else None
+
+    def _rules_by_param(self) -> dict[int, tuple[str, float]]:
+        """id(param) -> (rule group, λ) from the rules over the module (frozen parameters included)."""
+        if self._rule_plan is None:
+            module = self._module()
+            if module is None:
+                raise SetupError("`module` was garbage-collected; keep a reference to the model the engine decays.")
+            options = {**self._plan_options, "include_frozen": True}
+            plan = DecayPlan.from_module(module, self.rules, **options)
+            self._rule_plan = {id(p): (g.name, g.weight_decay) for g in plan.groups for p in g.params}
+        return self._rule_plan
+
+    def _plan(self, *, strict: bool) -> list[_Bucket]:
+        """Buckets for every group; ``strict`` (attach time) raises where a later change only warns."""
+        buckets: list[_Bucket] = []
+        groups = self.optimizer.param_groups
+        several = len(groups) > 1
+        for index, group in enumerate(groups):
+            label = str(group.get("name", f"pg{index + 1}"))
+            params = list(group["params"])
+            own = group.get("weight_decay", 0.0)
+            if _lambda(own) is None:
+                self._problem(
+                    strict,
+                    f"group:{label}",
+                    f"Optimizer group {label!r} has `weight_decay`={own!r}, which is not a finite number >= 0; it is"
+                    " the group's λ. Set it to a float such as 0.05 (or 0.0 for no decay).",
+                )
+                continue
+            if not params:
+                continue
+            if PLANNED_KEY in group or self.rules is None:
+                buckets.append(_make_bucket(label, group, index, None, params))
+                continue
+            plan = self._rules_by_param()
+            by_rule: dict[tuple[str, float], list[Tensor]] = {}
+            for p in params:
+                by_rule.setdefault(plan.get(id(p), ("unplanned", 0.0)), []).append(p)
+            if own:
+                if all(wd == own for _, wd in by_rule):
+                    buckets.append(_make_bucket(label, group, index, None, params))  # the rules agree: its own λ
+                    continue
+                self._problem(
+                    strict,
+                    f"own:{label}",
+                    f"Optimizer group {label!r} has its own `weight_decay`={own}, but `rules` decay its tensors"
+                    f" differently ({', '.join(f'{n}: {wd}' for n, wd in by_rule)}), so they would be decayed twice"
+                    " or wrongly. Fix it in one of two ways: build the optimizer from"
+                    " `lwd.build_param_groups(model, rules)` (each group then carries its own weight_decay and"
+                    " needs no `rules` here), or give that group weight_decay=0.0 (for example"
+                    " `torch.optim.AdamW(model.parameters(), lr=..., weight_decay=0.0)`: AdamW's default is 0.01)"
+                    " and let the rules decide.",
+                    later=f" Its own weight_decay={own} is applied to all its tensors.",
+                )
+                buckets.append(_make_bucket(label, group, index, None, params))
+                continue
+            for (rule_group, wd), ps in by_rule.items():
+                named = several or "name" in group
+                name = f"{label}/{rule_group}" if named and label != rule_group else rule_group
+                buckets.append(_make_bucket(name, group, index, wd, ps))
+        names = [b.name for b in buckets]
+        dupes = unique_names(names)
+        if dupes:
+            self._problem(
+                strict,
+                f"names:{dupes}",
+                f"Several optimizer parameter groups are named {dupes}; weight decay is logged per group and needs"
+                " unique names. Give each group a unique `name`.",
+                later=" They are logged with -1, -2, ... suffixes.",
+            )
+            for b, name in zip(buckets, _dedupe(names), strict=True):
+                b.name = name
+        if self.options.mode == "lr_ratio":
+            for b in buckets:
+                if self._initial_lr(b.group) == 0 and (b.rule_wd if b.rule_wd is not None else b.group["weight_decay"]):
+                    self._problem(
+                        strict,
+                        f"lr0:{b.name}",
+                        f"`mode`='lr_ratio' divides by the group's initial lr, but group {b.name!r} starts at lr=0."
+                        " Start the group at its peak lr and warm up with a scheduler (which records `initial_lr`),"
+                        " or use mode='decoupled'.",
+                        later=" Its decay is skipped.",
+                    )
+        return buckets
+
+    def _problem(self, strict: bool, key: str, message: str, later: str = " It is skipped.") -> None:
+        if strict:
+            raise SetupError(message)
+        if key not in self._warned:
+            self._warned.add(key)
+            _warn(message + later)
+
+    @staticmethod
+    def _initial_lr(group: dict[str, Any]) -> float:
+        return float(group.get("initial_lr", group.get(INITIAL_LR_KEY, group["lr"])))
+
+    def _install(self, buckets: list[_Bucket]) -> None:
+        for b in buckets:
+            if "initial_lr" not in b.group:
+                b.group.setdefault(INITIAL_LR_KEY, b.group["lr"])
+        self._buckets = buckets
+        self._sharded = any(b.sharded for b in buckets)
+        self._signature = _signature(self.optimizer)
+
+    def _refresh(self) -> None:
+        """Rebuild the buckets when the optimizer's groups changed (added, renamed, replaced, recast)."""
+        if _signature(self.optimizer) == self._signature and not any(b.stale() for b in self._buckets):
+            return
+        migrate_legacy_groups_(self.optimizer)
+        self._rule_plan = None
+        self._install(self._plan(strict=False))
+
+    @property
+    def sharded(self) -> bool:
+        """Whether some decayed parameters are DTensors: then every rank must call :meth:`metrics` together."""
+        self._refresh()
+        return self._sharded
+
+    # ------------------------------------------------------------------ the step path
+    def _multiplier(self, step: int) -> float:
+        return 1.0 if self._schedule is None else float(self._schedule(step))
+
+    def _step(self, inner: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._refresh()
+        groups = self.optimizer.param_groups
+        saved = self._saved = [g.get("weight_decay") for g in groups]
+        snap = self.options.needs_snapshot(self.track_updates)
+        if snap:
+            args, kwargs = self._snapshot_around_closure(args, kwargs)
+        for g in groups:
+            if "weight_decay" in g:
+                g["weight_decay"] = 0.0
+        try:
+            out = inner(*args, **kwargs)
+        finally:
+            for g, lam in zip(groups, saved, strict=True):
+                if lam is not None and g.get("weight_decay") == 0.0:  # a value written during the step wins
+                    g["weight_decay"] = lam
+        self._decay(saved)
+        return out
+
+    def _snapshot_around_closure(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """Copy the parameters before the optimizer's update: after its closure's first call, if it has one."""
+        closure = kwargs.get("closure", args[0] if args else None)
+        if closure is None:
+            self._take_snapshot()
+            return args, kwargs
+        taken = False
+
+        def closure_then_snapshot() -> Any:
+            nonlocal taken
+            loss = closure()
+            if not taken:  # LBFGS calls it again after updating: the first call is the one before the step
+                taken = True
+                self._take_snapshot()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_snapshot}
+        return (closure_then_snapshot, *args[1:]), kwargs
+
+    @torch.no_grad()
+    def _take_snapshot(self) -> None:
+        track = self.track_updates
+        self._snapshot = [
+            [list(torch._foreach_mul(chunk, F._factor(1.0, chunk))) for chunk in _locals_of(b)]
+            if track or self._bucket_wd(b, self._saved[b.index]) > 0
+            else []
+            for b in self._buckets
+        ]
+
+    def _bucket_wd(self, bucket: _Bucket, own: Any) -> float:
+        lam = bucket.rule_wd if bucket.rule_wd is not None else _lambda(own)
+        return 0.0 if lam is None else lam
+
+    @torch.no_grad()
+    def _decay(self, saved: list[Any]) -> None:
+        multiplier = self._multiplier(self.steps)
+        found_inf = getattr(self.optimizer, "found_inf", None)
+        snapshot, self._snapshot = self._snapshot, None
+        for index, bucket in enumerate(self._buckets):
+            wd = self._bucket_wd(bucket, saved[bucket.index]) * multiplier
+            befores = snapshot[index] if snapshot is not None and snapshot[index] else None
+            parts = self._parts(bucket, befores, wd > 0)
+            step: Tensor | float | None = None
+            bucket.update_norm = None
+            if parts and self.track_updates and parts[0].before:
+                deltas = [d for part in parts for d in torch._foreach_sub(part.tensors, part.before)]
+                layouts = [layout for part in parts for layout in part.layouts] if bucket.sharded else None
+                bucket.update_norm = F._global_norm(deltas, layouts)
+            if parts and wd > 0:
+                if befores is None and self.options.needs_snapshot(False):
+                    self._problem(
+                        False,
+                        "snapshot",
+                        f"Weight decay of group {bucket.name!r} was skipped for a step: cautious=True and"
+                        " source='update' need the parameters from just before the step, which were not taken."
+                        " Step the optimizer through its own `step()`.",
+                    )
+                else:
+                    step = self._step_size(bucket, wd, parts)
+                    if found_inf is not None:  # a select, not a product: relative m is inf/NaN on overflow
+                        step = torch.where(found_inf.to(dtype=torch.float32) > 0, 0.0, step)
+                    if not bucket.checked_precision and isinstance(step, float):
+                        _warn_if_rounds_away(bucket, [part.tensors[0].dtype for part in parts], step)
+                    for part in parts:
+                        mask = F.cautious_mask(part.tensors, part.before) if self.options.cautious else None
+                        part.before.clear()  # last use of this chunk's copy: free it before the decay allocates
+                        F.apply_decay_(part.tensors, step, ord=self.options.ord, mask=mask)
+                bucket.checked_precision = True
+            bucket.last_wd, bucket.last_step = wd, step
+        self.steps += 1
+
+    def _parts(self, bucket: _Bucket, befores: list[list[Tensor]] | None, decays: bool) -> list[_Part]:
+        """Per device/dtype chunk: the parameters with a gradient, and what the decay updates."""
+        parts = []
+        for c, chunk in enumerate(bucket.chunks):
+            if befores is None:
+                params, layouts = _with_grad(chunk, bucket.layouts[c])
+                before: list[Tensor] = []
+            else:
+                params, layouts, before = _with_grad(chunk, bucket.layouts[c], befores[c])
+            if not params:
+                continue
+            flat = bucket.flat(c) if params is chunk and not before and decays else None
+            if flat is not None:  # every tensor of a contiguous chunk: one kernel over its buffer
+                parts.append(_Part(params, [flat], [None], before))
+            else:
+                parts.append(_Part(params, _local(params) if bucket.sharded else params, layouts, before))
+        return parts
+
+    def _step_size(self, bucket: _Bucket, wd: float, parts: list[_Part]) -> Tensor | float:
+        lr = bucket.group["lr"]
+        mode = self.options.mode
+        if mode == "relative":
+            step = self._relative_measure(bucket, parts) * (lr * wd)
+            # a non-finite measure (a NaN/inf gradient) must not spread to the whole group: no decay this step
+            return torch.where(torch.isfinite(step), step.clamp(max=1.0), 0.0)
+        if mode == "decoupled":
+            size = lr * wd
+        elif mode == "independent":
+            size = wd
+        else:
+            initial = self._initial_lr(bucket.group)
+            if not initial:
+                return 0.0
+            size = wd * lr / initial
+        if self.options.ord == 2 and size > 1.0:
+            if not bucket.warned_clamp:
+                bucket.warned_clamp = True
+                _warn(
+                    f"Weight decay of group {bucket.name!r} has step {size:.4g} > 1 (lr={lr}, weight_decay={wd},"
+                    f" mode={mode!r}): the factor 1 - step would be negative and flip the signs of the weights."
+                    " It is clamped to 1 (the weights are zeroed). Lower the lr or λ, or check the schedule."
+                )
+            return 1.0
+        return float(size)
+
+    def _relative_measure(self, bucket: _Bucket, parts: list[_Part]) -> Tensor:
+        """``m`` over the whole bucket (all ranks' shards), on the tensors that have a gradient."""
+        opts = self.options
+        measure_of = F._mean_abs if opts.metric == "mean_abs" else F._rms
+        if opts.source == "grad":  # gradients have their own placements: let the functional read them
+            grads = [cast(Tensor, p.grad) for part in parts for p in part.params]
+            return F.mean_abs(grads) if opts.metric == "mean_abs" else F.rms(grads)
+        if sum(len(part.params) for part in parts) == len(bucket.params):
+            numel = bucket.numel  # every parameter has a gradient
+        else:
+            numel = sum(p.numel() for part in parts for p in part.params)  # of the whole tensors
+        layouts = [layout for part in parts for layout in part.layouts] if bucket.sharded else None
+        if opts.source == "params":
+            tensors = [t for part in parts for t in part.tensors]
+        elif opts.cautious:  # the mask still needs the copies
+            tensors = [d for part in parts for d in torch._foreach_sub(part.tensors, part.before)]
+        else:  # no second copy: before - after in place (m() does not depend on the sign)
+            for part in parts:
+                torch._foreach_sub_(part.before, part.tensors)
+            tensors = [d for part in parts for d in part.before]
+        return measure_of(tensors, layouts, numel)
+
+    # ------------------------------------------------------------------ metrics
+    @torch.no_grad()
+    def metrics(self, *, grad_norm: bool = False, param_norm: bool = True) -> dict[str, float]:
+        """Per group, measured now: ``<group>/param_norm``, ``weight_decay``, ``timescale`` (or ``threshold``).
+
+        ``weight_decay`` is the λ in force (the group's ``weight_decay`` times the schedule), ``timescale``
+        ``1 / step`` of the last multiplicative decay (``threshold``, the last soft-threshold step, for
+        ``ord=1``), ``update_norm`` the last step's update norm when ``track_updates`` is on, and
+        ``grad_norm`` the norm of the current gradients when asked for. One host synchronisation in
+        all. With sharded (DTensor) parameters every rank must call it, in the same order.
+
+        Args:
+            grad_norm: Also measure each group's gradient norm.
+            param_norm: Measure each group's parameter norm.
+
+        Returns:
+            ``{"<group>/<metric>": value}``.
+        """
+        _flag(grad_norm, "grad_norm")
+        _flag(param_norm, "param_norm")
+        self._refresh()
+        out: dict[str, Tensor | float] = {}
+        multiplier = self._multiplier(self.steps)
+        for b in self._buckets:
+            name = b.name
+            if param_norm:
+                out[f"{name}/param_norm"] = F.global_norm(b.whole())
+            if grad_norm:
+                grads = [p.grad for p in b.params if p.grad is not None]
+                if grads:
+                    out[f"{name}/grad_norm"] = F.global_norm(grads)
+            if b.update_norm is not None:
+                out[f"{name}/update_norm"] = b.update_norm
+            out[f"{name}/weight_decay"] = (
+                b.last_wd if b.last_wd is not None else self._bucket_wd(b, b.group.get("weight_decay")) * multiplier
+            )
+            step = b.last_step
+            if step is not None:
+                if self.options.ord == 1:
+                    out[f"{name}/threshold"] = step
+                else:
+                    out[f"{name}/timescale"] = 1.0 / step if isinstance(step, Tensor) or step > 0 else math.inf
+        return _to_floats(out)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs beside the optimizer's own state: the step count and the schedule's length.
+
+        λ is not in it: it lives in the optimizer's groups, saved with the optimizer.
+        """
+        return {"version": _STATE_VERSION, "steps": self.steps, "total_steps": self._total_steps}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            TypeError: if ``state_dict`` is not a mapping, or its values have the wrong types.
+            ValueError: if it was not written by :meth:`state_dict` (unknown version or keys).
+        """
+        steps, total = check_engine_state(state_dict, "state_dict")
+        self.steps = steps
+        if total is not None:
+            self._total_steps = total
+            self._schedule = _resolve_schedule(self.options.schedule, total)
+
+
+def _locals_of(bucket: _Bucket) -> list[list[Tensor]]:
+    return [_local(chunk) for chunk in bucket.chunks] if bucket.sharded else bucket.chunks
+
+
+def _to_floats(metrics: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """The values as Python floats, with one host synchronisation for all the tensors."""
+    tensors = [(k, v) for k, v in metrics.items() if isinstance(v, Tensor)]
+    values: dict[str, float] = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
+    if tensors:
+        device = tensors[0][1].device
+        stacked = torch.stack([v.detach().float().to(device) for _, v in tensors]).tolist()
+        values.update({k: float(x) for (k, _), x in zip(tensors, stacked, strict=True)})
+    return {k: values[k] for k in metrics}
+
+
+def check_engine_state(state: Any, argument: str) -> tuple[int, int | None]:
+    """``(steps, total_steps)`` of an engine state, checked (see :meth:`WeightDecay.load_state_dict`)."""
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"`{argument}` must be a mapping written by WeightDecay.state_dict(), got {type(state).__name__} {state!r}."
+            " Pass what state_dict() returned."
+        )
+    unknown = sorted(set(state) - {"version", "steps", "total_steps"})
+    if state.get("version") != _STATE_VERSION or unknown:
+        raise ValueError(
+            f"`{argument}` was not written by WeightDecay.state_dict() (version {state.get('version')!r}, unknown keys"
+            f" {unknown}); expected version {_STATE_VERSION} with `steps` and `total_steps`. Pass what state_dict()"
+            " returned."
+        )
+    steps, total = state.get("steps", 0), state.get("total_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise TypeError(f"`{argument}['steps']` must be an int >= 0, got {steps!r}. Pass what state_dict() returned.")
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+        raise TypeError(
+            f"`{argument}['total_steps']` must be None or an int >= 1, got {total!r}. Pass what state_dict() returned."
+        )
+    return steps, total
+
+
+def _resolve_schedule(schedule: Callable[[int], float] | None, total_steps: int | None) -> Callable[[int], float] | None:
+    """The schedule with its length filled in where it asks for one (``Cosine(total_steps=None)``)."""
+    with_total = getattr(schedule, "with_total_steps", None)
+    if schedule is None or with_total is None or getattr(schedule, "total_steps", 0) is not None:
+        return schedule
+    if total_steps is None:
+        raise ValueError(
+            f"`schedule` {schedule!r} has no `total_steps`, and none was given: pass `total_steps=` (the run's"
+            " optimizer steps) or give the schedule its own, for example Cosine(total_steps=10_000)."
+        )
+    return cast(Callable[[int], float], with_total(total_steps))
+
+
+def _check_schedule(schedule: Callable[[int], float], step: int) -> None:
+    """Refuse a schedule whose multiplier at ``step`` is not a finite number >= 0."""
+    value = schedule(step)
+    try:
+        multiplier = float(value)
+    except (TypeError, ValueError):
+        multiplier = math.nan
+    if isinstance(value, bool) or not math.isfinite(multiplier) or multiplier < 0:
+        raise SetupError(
+            f"`schedule` must return a finite multiplier >= 0, but schedule({step}) returned"
+            f" {type(value).__name__} {value!r}. Fix the schedule, or use one of lwd.schedules"
+            " (Constant, LinearWarmup, Cosine)."
+        )
+
+
+def _warn_if_rounds_away(bucket: _Bucket, dtypes: list[torch.dtype], step: float) -> None:
+    low = [d for d in dtypes if d in (torch.float16, torch.bfloat16)]
+    if not low or step <= 0:
+        return
+    dtype = low[0]
+    eps = torch.finfo(dtype).eps
+    if step < eps / 2:
+        _warn(
+            f"Weight decay of group {bucket.name!r} rounds to nothing: its {dtype} parameters are multiplied by"
+            f" (1 - {step:.3g}), but {dtype} cannot represent a relative change below {eps / 2:.3g}. Keep fp32"
+            " parameters (precision='bf16-mixed' or '16-mixed' instead of a '-true' precision), or use a larger"
+            " step (mode='independent')."
+        )

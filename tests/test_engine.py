@@ -1,0 +1,378 @@
+"""``lwd.WeightDecay`` without a Trainer: plain PyTorch loops against a plain loop over the documented formulas.
+
+The reference never goes through ``lightning_wd``: it steps a copy of the model with the same optimizer
+built with ``weight_decay=0`` (torch's own update, no decay) and then applies the table of the
+engine's docstring tensor by tensor, in float64 Python arithmetic where it can.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_wd as lwd
+from lightning_wd import schedules
+
+LR, WD = 0.1, 0.3
+
+
+def model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+
+
+def batches(n: int = 6, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)) for _ in range(n)]
+
+
+DECAYED = {"0.weight", "2.weight"}
+
+
+def loss_of(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(net(x), y)
+
+
+def reference(
+    net: nn.Module,
+    data: list,
+    *,
+    mode: str = "decoupled",
+    ord: int = 2,
+    cautious: bool = False,
+    source: str = "params",
+    metric: str = "mean_abs",
+    optimizer=torch.optim.SGD,
+    lr_at=lambda t: LR,
+    mult_at=lambda t: 1.0,
+    **opt_kw,
+) -> dict[str, torch.Tensor]:
+    """A plain loop: torch's update without decay, then the documented decay, one tensor at a time."""
+    net = copy.deepcopy(net)
+    opt = optimizer(net.parameters(), lr=LR, weight_decay=0.0, **opt_kw)
+    for t, (x, y) in enumerate(data):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(t)
+        opt.zero_grad()
+        loss_of(net, x, y).backward()
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        grads = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
+        opt.step()
+        lr, lam = lr_at(t), WD * mult_at(t)
+        with torch.no_grad():
+            params = dict(net.named_parameters())
+            decayed = [n for n in params if n in DECAYED]
+            if mode == "relative":
+                s = {"params": {n: params[n] for n in decayed}, "grad": {n: grads[n] for n in decayed}}.get(
+                    source, {n: params[n] - before[n] for n in decayed}
+                )
+                numel = sum(v.numel() for v in s.values())
+                if metric == "mean_abs":
+                    m = sum(float(v.abs().sum()) for v in s.values()) / numel
+                else:
+                    m = math.sqrt(sum(float(v.pow(2).sum()) for v in s.values()) / numel)
+            for n in decayed:
+                p = params[n]
+                step = {"decoupled": lr * lam, "independent": lam, "lr_ratio": lam * lr / LR}.get(mode)
+                if mode == "relative":
+                    step = lr * lam * m
+                moved_to_zero = ((p - before[n]) * before[n] < 0).to(p.dtype)
+                mask = moved_to_zero if cautious else torch.ones_like(p)
+                if ord == 2:
+                    new = p * (1 - step * mask)
+                else:
+                    shrunk = torch.sign(p) * torch.clamp(p.abs() - step, min=0)
+                    new = p + mask * (shrunk - p)
+                p.copy_(new)
+    return {n: p.detach() for n, p in net.named_parameters()}
+
+
+def run_engine(net: nn.Module, data: list, *, optimizer=torch.optim.SGD, lr_at=lambda t: LR, opt_kw=None, **kw):
+    opt = optimizer(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=LR, **(opt_kw or {}))
+    engine = lwd.WeightDecay(opt, **kw)
+    for t, (x, y) in enumerate(data):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(t)
+        opt.zero_grad()
+        loss_of(net, x, y).backward()
+        opt.step()
+    return engine, opt
+
+
+MODES = [
+    dict(mode="decoupled"),
+    dict(mode="independent"),
+    dict(mode="lr_ratio"),
+    dict(mode="relative"),
+    dict(mode="relative", source="grad", metric="rms"),
+    dict(mode="relative", source="update"),
+    dict(mode="decoupled", ord=1),
+    dict(mode="decoupled", cautious=True),
+    dict(mode="independent", ord=1, cautious=True),
+]
+
+
+@pytest.mark.parametrize("kw", MODES, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_each_mode_matches_the_formula_in_a_plain_loop(kw):
+    net, data = model(), batches()
+    lr_at = lambda t: LR / (1 + t)  # noqa: E731 - a decaying lr, so lr_ratio differs from decoupled
+    expected = reference(net, data, lr_at=lr_at, **kw)
+    run_engine(net, data, lr_at=lr_at, **kw)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_adamw_with_lambda_in_its_groups_is_decayed_once_by_the_engine():
+    """AdamW's own decay is off during its step (else the weights would be decayed twice)."""
+    net, data = model(), batches()
+    expected = reference(net, data, optimizer=torch.optim.AdamW)
+    engine, opt = run_engine(net, data, optimizer=torch.optim.AdamW)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert {g["name"]: g["weight_decay"] for g in opt.param_groups} == {"no_decay": 0.0, "decay": WD}
+    assert engine.steps == len(data)
+
+
+def test_schedule_multiplies_lambda_and_cosine_needs_a_length():
+    net, data = model(), batches()
+    cos = schedules.Cosine(start=1.0, end=0.0)
+    expected = reference(net, data, mult_at=lambda t: 0.5 * (1 + math.cos(math.pi * min(t, 4) / 4)))
+    run_engine(net, data, schedule=cos, total_steps=4)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
+    with pytest.raises(ValueError, match="`schedule`.*total_steps="):
+        lwd.WeightDecay(torch.optim.SGD(model().parameters(), lr=LR), schedule=cos)
+
+
+def test_grad_scaler_skips_the_decay_with_the_step():
+    net = model()
+    opt = torch.optim.SGD(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=LR)
+    lwd.WeightDecay(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    x, y = batches(1)[0]
+    scaler.scale(loss_of(net, x, y)).backward()
+    net[0].weight.grad[0, 0] = math.inf  # an overflow: the scaler skips the step
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    scaler.step(opt)
+    scaler.update()
+    for n, p in net.named_parameters():
+        assert torch.equal(p, before[n]), n
+    opt.zero_grad()
+    scaler.scale(loss_of(net, x, y)).backward()
+    grad = net[0].weight.grad.detach().clone() / scaler.get_scale()
+    scaler.step(opt)
+    torch.testing.assert_close(net[0].weight.detach(), (before["0.weight"] - LR * grad) * (1 - LR * WD))
+
+
+def test_lambda_is_the_groups_own_weight_decay_outside_the_step_and_zero_inside():
+    net = model()
+    opt = torch.optim.AdamW(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=LR)
+    lwd.WeightDecay(opt)
+    seen = []
+
+    def closure():
+        seen.append([g["weight_decay"] for g in opt.param_groups])
+        opt.zero_grad()
+        loss = loss_of(net, *batches(1)[0])
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert seen == [[0.0, 0.0]]  # the optimizer's own update carries no decay
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, WD]
+
+
+def test_an_exception_inside_the_step_leaves_lambda_in_place():
+    net = model()
+    opt = torch.optim.SGD(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=LR)
+    lwd.WeightDecay(opt)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+
+    def closure():
+        raise RuntimeError("loss is NaN")
+
+    with pytest.raises(RuntimeError, match="NaN"):
+        opt.step(closure)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, WD]
+    for n, p in net.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_a_lambda_written_during_training_is_followed_at_the_next_step():
+    """A DINO-style schedule writes the group's weight_decay: the next step uses it, once."""
+    net, data = model(), batches(2)
+    opt = torch.optim.SGD(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=LR)
+    engine = lwd.WeightDecay(opt)
+    x, y = data[0]
+    loss_of(net, x, y).backward()
+    opt.step()
+    opt.param_groups[1]["weight_decay"] = 0.9
+    opt.zero_grad()
+    loss_of(net, *data[1]).backward()
+    before = net[0].weight.detach().clone()
+    grad = net[0].weight.grad.detach().clone()
+    opt.step()
+    torch.testing.assert_close(net[0].weight.detach(), (before - LR * grad) * (1 - LR * 0.9))
+    assert engine.metrics()["decay/weight_decay"] == 0.9
+
+
+def test_a_step_above_one_is_clamped_with_one_warning_and_never_flips_signs():
+    net = model()
+    opt = torch.optim.SGD(lwd.build_param_groups(net, lwd.presets.standard(5.0)), lr=0.5)
+    lwd.WeightDecay(opt)
+    with pytest.warns(UserWarning, match=r"'decay'.*lr=0.5, weight_decay=5.0.*clamped"):
+        for x, y in batches(2):
+            opt.zero_grad()
+            loss_of(net, x, y).backward()
+            opt.step()
+    assert torch.count_nonzero(net[0].weight) == 0  # zeroed, not sign-flipped (1 - 2.5 = -1.5)
+
+
+def test_relative_mode_skips_a_group_whose_measure_is_not_finite():
+    net = model()
+    opt = torch.optim.SGD(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=LR)
+    lwd.WeightDecay(opt, mode="relative", source="grad")
+    loss_of(net, *batches(1)[0]).backward()
+    net[0].weight.grad[0, 0] = math.nan
+    before = net[2].weight.detach().clone()
+    grad = net[2].weight.grad.detach().clone()
+    opt.step()
+    torch.testing.assert_close(net[2].weight.detach(), before - LR * grad, rtol=0, atol=1e-7)  # not decayed
+    assert torch.isfinite(net[2].weight).all()
+
+
+def test_groups_added_and_renamed_later_are_followed():
+    net = model()
+    head = nn.Linear(2, 2)
+    groups = lwd.build_param_groups(net, lwd.presets.standard(WD))
+    opt = torch.optim.SGD(groups, lr=LR)
+    engine = lwd.WeightDecay(opt)
+    opt.add_param_group({"params": [head.weight], "param_names": ["head.weight"], "name": "head", "weight_decay": 0.5})
+    (loss_of(net, *batches(1)[0]) + head(torch.ones(1, 2)).sum()).backward()
+    before, grad = head.weight.detach().clone(), head.weight.grad.detach().clone()
+    opt.step()
+    torch.testing.assert_close(head.weight.detach(), (before - LR * grad) * (1 - LR * 0.5))
+    opt.param_groups[1]["name"] = "matrices"
+    assert "matrices/weight_decay" in engine.metrics() and "head/weight_decay" in engine.metrics()
+
+
+def test_rules_decay_a_raw_group_and_refuse_its_own_lambda_with_the_whole_fix():
+    net, data = model(), batches()
+    expected = reference(net, data)
+    opt = torch.optim.SGD(net.parameters(), lr=LR)  # raw parameters, weight_decay 0
+    lwd.WeightDecay(opt, rules=lwd.presets.standard(WD), module=net)
+    for x, y in data:
+        opt.zero_grad()
+        loss_of(net, x, y).backward()
+        opt.step()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
+    raw = torch.optim.AdamW(net.parameters(), lr=LR)  # AdamW's default weight_decay=0.01
+    with pytest.raises(ValueError, match=r"weight_decay`=0.01.*build_param_groups.*weight_decay=0.0"):
+        lwd.WeightDecay(raw, rules=lwd.presets.standard(WD), module=net)
+    assert "step" not in raw.__dict__ and raw.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_remove_restores_the_step_and_lr_schedulers_on_either_side_keep_working():
+    net = model()
+    opt = torch.optim.SGD(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=LR)
+    early = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # wraps opt.step first
+    engine = lwd.WeightDecay(opt)
+    late = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)  # wraps the engine's step
+    loss_of(net, *batches(1)[0]).backward()
+    before, grad = net[0].weight.detach().clone(), net[0].weight.grad.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()" warning
+        opt.step()
+        early.step()
+        late.step()
+    torch.testing.assert_close(net[0].weight.detach(), (before - LR * grad) * (1 - LR * WD))
+    engine.remove()
+    before = net[0].weight.detach().clone()
+    opt.step()  # through the late scheduler's wrapper, then straight through the removed engine
+    lr = opt.param_groups[1]["lr"]  # the optimizer applies its own (coupled) decay again: λ never left the group
+    torch.testing.assert_close(net[0].weight.detach(), before - lr * (grad + WD * before))
+    assert not engine.attached
+
+
+def test_wrappers_of_lightning_and_fabric_are_unwrapped():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    opt = torch.optim.SGD(model().parameters(), lr=LR)
+    assert lwd.WeightDecay(LightningOptimizer(opt)).optimizer is opt
+    with pytest.raises(TypeError, match="`optimizer` must be a torch.optim.Optimizer"):
+        lwd.WeightDecay(torch.optim.lr_scheduler.StepLR(opt, 1))
+
+
+def test_half_after_setup_rebuilds_and_warns_that_the_decay_rounds_away():
+    net = model()
+    opt = torch.optim.SGD(lwd.build_param_groups(net, lwd.presets.standard(1e-5)), lr=1e-3)
+    lwd.WeightDecay(opt)
+    net.half()
+    loss_of(net, *(t.half() for t in batches(1)[0])).backward()
+    with pytest.warns(UserWarning, match="rounds to nothing"):
+        opt.step()
+
+
+def test_metrics_are_measured_when_called():
+    net = model()
+    opt = torch.optim.SGD(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=LR)
+    engine = lwd.WeightDecay(opt, track_updates=True)
+    loss_of(net, *batches(1)[0]).backward()
+    before = [p.detach().clone() for p in opt.param_groups[1]["params"]]
+    opt.step()
+    after = opt.param_groups[1]["params"]
+    m = engine.metrics(grad_norm=True)
+    norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in after))
+    assert m["decay/param_norm"] == pytest.approx(norm, rel=1e-6)
+    assert m["decay/weight_decay"] == WD and m["decay/timescale"] == pytest.approx(1 / (LR * WD))
+    update = math.sqrt(sum(float((a.detach() / (1 - LR * WD) - b).double().pow(2).sum()) for a, b in zip(after, before)))
+    assert m["decay/update_norm"] == pytest.approx(update, rel=1e-4)
+    grads = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in after))
+    assert m["decay/grad_norm"] == pytest.approx(grads, rel=1e-6)
+
+
+def test_state_dict_round_trips_and_refuses_what_it_did_not_write():
+    net = model()
+    opt = torch.optim.SGD(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=LR)
+    engine = lwd.WeightDecay(opt, schedule=schedules.Cosine(), total_steps=10)
+    loss_of(net, *batches(1)[0]).backward()
+    opt.step()
+    state = engine.state_dict()
+    assert state == {"version": 2, "steps": 1, "total_steps": 10}
+    other = lwd.WeightDecay(torch.optim.SGD(model().parameters(), lr=LR))
+    other.load_state_dict(state)
+    assert other.steps == 1
+    for bad, error in [({"version": 2, "steps": -1}, TypeError), ({"steps": 3}, ValueError), ([1], TypeError)]:
+        with pytest.raises(error, match="`state_dict"):
+            other.load_state_dict(bad)
+    assert other.steps == 1
+
+
+def test_legacy_checkpoint_groups_get_their_lambda_back():
+    net = model()
+    groups = lwd.build_param_groups(net, lwd.presets.standard(WD))
+    opt = torch.optim.SGD(groups, lr=LR)
+    opt.param_groups[1].update({"weight_decay": 0.0, "lwd_weight_decay": WD, "lwd_planned_weight_decay": WD})
+    lwd.WeightDecay(opt)
+    assert opt.param_groups[1]["weight_decay"] == WD
+    assert not any(k in opt.param_groups[1] for k in ("lwd_weight_decay", "lwd_planned_weight_decay"))
+
+
+def test_plain_pytorch_use_does_not_import_lightning():
+    code = (
+        "import sys, torch, lightning_wd as lwd\n"
+        "m = torch.nn.Linear(2, 2)\n"
+        "opt = torch.optim.AdamW(lwd.build_param_groups(m), lr=1e-3)\n"
+        "e = lwd.WeightDecay(opt)\n"
+        "m(torch.ones(1, 2)).sum().backward(); opt.step(); e.metrics(); e.remove()\n"
+        "assert not [k for k in sys.modules if k == 'lightning' or k.startswith('lightning.')], 'imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
