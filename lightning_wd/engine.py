@@ -205,6 +205,11 @@ class _Bucket:
     last_step: Tensor | float | None = None
     update_norm: Tensor | None = None
 
+    @property
+    def weight_decay(self) -> float:
+        """The λ of these tensors now: the rules', or the group's own ``weight_decay``."""
+        return self.rule_wd if self.rule_wd is not None else float(self.group.get("weight_decay", 0.0))
+
     def whole(self) -> list[Tensor]:
         """The group's tensors for a norm: each contiguous chunk as its one flat view, the others as they are."""
         if all(f is None for f in self.flats):
@@ -477,6 +482,9 @@ class WeightDecay:
                 return inner(*args, **kwargs)
             return engine._step(inner, args, kwargs)
 
+        if getattr(original, "_wrapped_by_lr_sched", False):  # torch's LR schedulers check that their wrapper is there
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        step.__wrapped__ = inner  # type: ignore[attr-defined]
         opt.step = types.MethodType(step, opt)  # type: ignore[method-assign]
         self._wrapper = opt.step
         self._active = True

@@ -14,14 +14,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
+from lightning_wd.engine import PLANNED_KEY, migrate_legacy_groups_
 from lightning_wd.functional import group_by_device_and_dtype, make_contiguous_
 from lightning_wd.plan import DecayPlan, PlanError, _check_plan_options, _check_rules
 from lightning_wd.rules import DecayRule
 
 __all__ = ["WDMixin"]
 
-#: Key marking a parameter group as built by WDMixin (value: the group's planned weight decay).
-PLANNED_KEY = "lwd_planned_weight_decay"
+#: Key under which the plan hands each group's lr scale to ``configure_optimizers`` (removed once applied).
+LR_SCALE_KEY = "lwd_lr_scale"
 
 _DEFAULT_OPTIMIZER: Callable[..., Optimizer] = partial(torch.optim.AdamW, lr=1e-3)
 
@@ -93,6 +94,34 @@ class WDMixin:
     show_decay_plan: bool = True
     contiguous_parameters: bool = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse to replace, silently, a ``configure_optimizers`` that another base class defines.
+
+        Raises:
+            TypeError: if ``WDMixin`` stands before a base with its own ``configure_optimizers`` and the
+                class does not say which one it wants.
+        """
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        provider = next((k for k in mro if "configure_optimizers" in k.__dict__), None)
+        if provider is not WDMixin:
+            return
+        shadowed = [
+            k
+            for k in mro[mro.index(WDMixin) + 1 :]
+            if "configure_optimizers" in k.__dict__ and k.__name__ != "LightningModule"
+        ]
+        if shadowed:
+            base = shadowed[0].__name__
+            raise TypeError(
+                f"`{cls.__name__}` puts WDMixin before {base}, which defines its own `configure_optimizers`:"
+                f" WDMixin's would silently replace it (and {base}'s optimizer, lr and scheduler). Say which one you"
+                f" want in the class body: `configure_optimizers = lwd.WDMixin.configure_optimizers` to build the"
+                f" optimizer from `decay_rules`, `optimizer` and `scheduler`; or"
+                f" `configure_optimizers = {base}.configure_optimizers` to keep {base}'s, with"
+                " lwd.WeightDecayCallback(rules=...) to decay it."
+            )
+
     def __init__(
         self,
         *args: Any,
@@ -157,9 +186,14 @@ class WDMixin:
             plan = DecayPlan.from_module(self, None if rules is None else _check_rules(rules, "decay_rules"), **options)
         except PlanError as err:
             raise PlanError(f"{err} (while planning the `decay_rules` of {type(self).__name__})") from err
-        groups = plan.param_groups()
+        try:  # TEMPORARY until plan.param_groups(lr_scale_key=) lands
+            groups = plan.param_groups(lr_scale_key=LR_SCALE_KEY)
+        except TypeError:
+            groups = plan.param_groups()
+            for g in groups:
+                g[LR_SCALE_KEY] = g.pop("lr_scale")
         for g in groups:
-            g[PLANNED_KEY] = g["weight_decay"]
+            g[PLANNED_KEY] = True
         optimizer = _call_factory(factory, groups, "optimizer")
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -167,10 +201,11 @@ class WDMixin:
                 " optimizer from the parameter groups it is called with."
             )
         _check_all_planned(optimizer, plan)
-        _accept_unnamed_groups(optimizer, self)
+        _plan_added_groups(optimizer, self)
         for g in optimizer.param_groups:
-            if g.get("lr_scale", 1.0) != 1.0:
-                g["lr"] = g["lr"] * g["lr_scale"]
+            scale = g.pop(LR_SCALE_KEY, 1.0)
+            if scale != 1.0:  # the absolute lr, and no `lr_scale` key that timm's schedulers would apply again
+                g["lr"] = g["lr"] * scale
                 if "initial_lr" in g:
                     g["initial_lr"] = g["lr"]
         self.decay_plan = plan
@@ -191,68 +226,80 @@ class WDMixin:
         return config
 
     def on_train_start(self) -> None:
-        """Give the decay back to the optimizer when a run handed over to the callback resumes without it.
+        """Give λ back to ``weight_decay`` in groups restored from a checkpoint of an older release.
 
-        A checkpoint written with :class:`~lightning_wd.WeightDecayCallback` holds optimizer groups
-        whose own ``weight_decay`` is 0 and whose decay is recorded under ``"lwd_weight_decay"``.
-        Resumed without the callback, those groups would silently train with no decay at all: the
-        recorded value is moved back into the group's ``weight_decay`` (the key removed) and a
-        warning says so. This runs after the callbacks' ``on_train_start``, so with the callback
-        present nothing changes. Overriding this hook? Call ``super().on_train_start()``.
+        Checkpoints written before each group's λ lived in its own ``weight_decay`` held it under
+        ``"lwd_weight_decay"``, with ``weight_decay`` 0. Resumed without
+        :class:`~lightning_wd.WeightDecayCallback` (which moves it back itself), those groups would
+        silently train with no decay: the value is moved back, with a warning. Overriding this hook?
+        Call ``super().on_train_start()``.
         """
         parent = getattr(super(), "on_train_start", None)
         if parent is not None:
             parent()
-        _hand_back_without_callback(self)
+        trainer = getattr(self, "_trainer", None)
+        moved = [m for opt in (trainer.optimizers if trainer is not None else []) for m in migrate_legacy_groups_(opt)]
+        if moved:
+            rank_zero_warn(
+                "The optimizer's parameter groups were restored from a checkpoint that kept their decay under"
+                f" `lwd_weight_decay`; it is back in each group's own `weight_decay` ({', '.join(moved)}), which the"
+                " optimizer applies itself here. Add lwd.WeightDecayCallback() to `Trainer(callbacks=...)` to apply"
+                " it after the step instead."
+            )
 
 
-def _hand_back_without_callback(module: Any) -> None:
-    from lightning_wd.callback import WD_KEY, WeightDecayCallback
+def _plan_added_groups(optimizer: Optimizer, module: torch.nn.Module) -> None:
+    """Make groups added during training (``BaseFinetuning.unfreeze_and_add_param_group``) follow the rules.
 
-    trainer = getattr(module, "_trainer", None)
-    if trainer is None or any(isinstance(cb, WeightDecayCallback) for cb in trainer.callbacks):
-        return
-    moved: list[str] = []
-    for optimizer in trainer.optimizers:
-        for index, group in enumerate(optimizer.param_groups):
-            if WD_KEY in group:
-                group["weight_decay"] = float(group.pop(WD_KEY))
-                moved.append(f"{group.get('name', f'pg{index + 1}')}={group['weight_decay']}")
-    if moved:
-        rank_zero_warn(
-            f"The optimizer's parameter groups were restored from a run whose decay WeightDecayCallback applied"
-            f" (`{WD_KEY}`), but this trainer has no WeightDecayCallback: without a hand-back they would get no"
-            f" decay at all. Their decay is now applied by the optimizer's own `weight_decay` ({', '.join(moved)}),"
-            " which is not bitwise the same as the callback's decoupled decay. Add lwd.WeightDecayCallback() to"
-            " `Trainer(callbacks=...)` to keep the callback's decay."
-        )
-
-
-def _accept_unnamed_groups(optimizer: Optimizer, module: torch.nn.Module) -> None:
-    """Let a group be added later without ``param_names`` (as ``BaseFinetuning.unfreeze_and_add_param_group`` does).
-
-    torch refuses to mix groups with and without ``param_names`` in one optimizer, and the groups built
-    here have them; so this optimizer's ``add_param_group`` names the parameters of an unnamed group
-    after the module's own names for them before adding it.
+    This optimizer's ``add_param_group`` splits a group added without its own ``weight_decay`` into one
+    group per decay-rule group, each with the rules' λ in its ``weight_decay`` (and lr scale), as
+    ``configure_optimizers`` built the first ones; a group given its own ``weight_decay`` is added as it
+    is (the user chose its λ). torch refuses to mix groups with and without ``param_names``, and the
+    groups built here have them, so the added groups are named after the module's own names.
     """
-    if not any("param_names" in g for g in optimizer.param_groups):
-        return
     module_ref = weakref.ref(module)
 
     def add_param_group(self: Optimizer, param_group: dict[str, Any]) -> None:
-        if isinstance(param_group, dict) and "param_names" not in param_group:
-            params = param_group.get("params", [])
-            params = [params] if isinstance(params, torch.Tensor) else list(params)
-            owner = module_ref()
-            names = {} if owner is None else {id(p): n for n, p in owner.named_parameters(remove_duplicate=False)}
-            param_group = {
-                **param_group,
-                "params": params,
-                "param_names": [names.get(id(p), f"added.{i}") for i, p in enumerate(params)],
-            }
-        type(self).add_param_group(self, param_group)
+        owner = module_ref()
+        if not isinstance(param_group, dict) or owner is None:
+            type(self).add_param_group(self, param_group)
+            return
+        for group in _split_by_rules(owner, self, param_group):
+            type(self).add_param_group(self, group)
 
     optimizer.add_param_group = types.MethodType(add_param_group, optimizer)  # type: ignore[method-assign]
+
+
+def _split_by_rules(module: torch.nn.Module, optimizer: Optimizer, param_group: dict[str, Any]) -> list[dict[str, Any]]:
+    params = param_group.get("params", [])
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    group = {**param_group, "params": params}
+    if "param_names" not in group and any("param_names" in g for g in optimizer.param_groups):
+        group["param_names"] = [names.get(id(p), f"added.{i}") for i, p in enumerate(params)]
+    if "weight_decay" in param_group or not params:
+        return [group]
+    options = {**(_resolved(module, "decay_plan_options") or {}), "include_frozen": True}
+    plan = DecayPlan.from_module(module, _resolved(module, "decay_rules"), **options)
+    of = {id(p): g for g in plan.groups for p in g.params}
+    label = str(param_group.get("name", f"pg{len(optimizer.param_groups) + 1}"))
+    split: dict[str, list[torch.Tensor]] = {}
+    for p in params:
+        planned = of.get(id(p))
+        split.setdefault(planned.name if planned is not None else "no_decay", []).append(p)
+    by_name = {g.name: g for g in plan.groups}
+    lr = param_group.get("lr", optimizer.defaults.get("lr"))
+    out = []
+    for rule_group, ps in split.items():
+        planned = by_name.get(rule_group)
+        wd, scale = (planned.weight_decay, planned.lr_scale) if planned is not None else (0.0, 1.0)
+        sub = {**group, "params": ps, "name": f"{label}/{rule_group}", "weight_decay": wd, PLANNED_KEY: True}
+        if "param_names" in group:
+            sub["param_names"] = [names.get(id(p), f"added.{i}") for i, p in enumerate(ps)]
+        if scale != 1.0 and lr is not None:
+            sub["lr"] = lr * scale
+        out.append(sub)
+    return out
 
 
 def _resolved(module: Any, name: str) -> Any:

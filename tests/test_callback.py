@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -89,7 +90,7 @@ def test_cosine_total_steps_from_trainer(tmp_path):
     t = trainer(tmp_path, [cb, recorder], max_steps=7, max_epochs=None)
     t.fit(WDNet(), loader())
     assert recorder.checked == 7
-    assert cb.state_dict()["total_steps"] == 7
+    assert cb.state_dict()["engines"] == [{"version": 2, "steps": 7, "total_steps": 7}]
 
 
 def test_two_optimizers_manual_optimization(
@@ -103,7 +104,7 @@ def test_two_optimizers_manual_optimization(
     t = trainer(tmp_path, [cb, recorder], logger=logger, log_every_n_steps=1)
     t.fit(TwoOptNet(), loader())
     assert recorder.checked == 5 + 3
-    assert [s.steps for s in cb._states] == [5, 3]
+    assert [e.steps for e in cb.engines] == [5, 3]
     header = _rows(logger)[0].keys()
     assert "wd/SGD/decay/param_norm" in header and "wd/SGD-1/decay/param_norm" in header
 
@@ -129,16 +130,19 @@ def test_double_decay_is_refused_and_nothing_changes(tmp_path):
         assert torch.equal(p, before[n])
 
 
-def test_mixin_groups_are_handed_over(tmp_path):
-    """AdamW's own decay moves to the callback: the optimizer's weight_decay ends at 0, ours holds λ."""
+def test_lambda_stays_in_each_group_where_learning_rate_monitor_reads_it(tmp_path):
+    """AdamW's own decay is off only during its step: outside it every group keeps its λ, and logs it."""
     model = WDNet(optimizer=partial(torch.optim.AdamW, lr=1e-3))
-    t = trainer(tmp_path, [lwd.WeightDecayCallback()], max_steps=1)
+    logger = CSVLogger(tmp_path, name="csv")
+    monitor = LearningRateMonitor(logging_interval="step", log_weight_decay=True)
+    t = trainer(tmp_path, [lwd.WeightDecayCallback(), monitor], max_steps=3, logger=logger, log_every_n_steps=1)
     t.fit(model, loader())
     groups = {g["name"]: g for g in t.optimizers[0].param_groups}
-    assert groups["decay"]["weight_decay"] == 0.0
-    assert groups["decay"]["lwd_weight_decay"] == WD
-    assert groups["no_decay"]["lwd_weight_decay"] == 0.0
-
+    assert groups["decay"]["weight_decay"] == WD and groups["no_decay"]["weight_decay"] == 0.0
+    assert not [k for g in groups.values() for k in g if k in ("lwd_weight_decay", "lwd_planned_weight_decay")]
+    rows = _rows(logger)
+    logged = [float(r["lr-AdamW/decay-weight_decay"]) for r in rows if r.get("lr-AdamW/decay-weight_decay")]
+    assert logged == [WD] * 3
 
 def test_parameters_without_grad_are_not_decayed(tmp_path):
     class Partial(WDNet):
@@ -334,11 +338,11 @@ def test_resume_is_bitwise_identical(tmp_path, cb_kwargs):
     _fit_and_params(tmp_path / "b", 1, None, cb_kwargs, save=ckpt)
     checkpoint = torch.load(ckpt, weights_only=True)  # plain data only
     state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("WeightDecayCallback"))
-    assert state["steps"] == [5]
+    assert [e["steps"] for e in state["engines"]] == [5]
     resumed, cb = _fit_and_params(tmp_path / "c", 2, ckpt, cb_kwargs)
     for n in straight:
         assert torch.equal(straight[n], resumed[n]), n
-    assert cb._states[0].steps == 10
+    assert cb.engines[0].steps == 10
 
 
 def test_two_instances_keep_separate_state(tmp_path):

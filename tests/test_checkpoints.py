@@ -3,10 +3,10 @@
 * Everything the package puts in a checkpoint (the callback's state, the ``lwd_*`` keys of the
   optimizer groups, rules saved with a module's hyper-parameters) loads with
   ``torch.load(weights_only=True)``; a tampered rule is refused on load.
-* Written without the callback (``WDMixin`` groups, the optimizer decays by itself) and resumed
-  with it: the decay is handed over on resume (optimizer ``weight_decay`` 0, the callback decays).
-* Written with the callback and resumed without it: ``WDMixin`` hands the decay back to the
-  optimizer with a warning, so that no decay is silently lost.
+* Each group's λ is its own ``weight_decay`` in every checkpoint: written without the callback and
+  resumed with it, the callback decays with it; written with the callback and resumed without it,
+  the optimizer applies it itself. Checkpoints of older releases, which kept λ under
+  ``lwd_weight_decay`` with ``weight_decay`` 0, get it back either way.
 
 Each resumed step is checked against the documented formula: the callback's decoupled decay
 (``StepRecorder``) or SGD's own coupled decay ``p <- p - lr (g + λ p)`` (``CoupledSGDCheck``).
@@ -77,17 +77,17 @@ def test_everything_the_package_writes_loads_with_weights_only(tmp_path):
 
     checkpoint = torch.load(path, weights_only=True)
     state = checkpoint["callbacks"][cb.state_key]
-    assert state == {"version": 1, "steps": [10], "total_steps": 10}
+    assert state == {"version": 2, "engines": [{"version": 2, "steps": 10, "total_steps": 10}]}
     assert_plain(state, "callback")
     groups = checkpoint["optimizer_states"][0]["param_groups"]
     assert_plain(groups, "param_groups")
     by_name = {g["name"]: g for g in groups}
     assert set(by_name) == {"no_decay", "head", "decay"}
     for name, wd in (("no_decay", 0.0), ("head", 0.2), ("decay", WD)):
-        assert by_name[name]["weight_decay"] == 0.0  # handed over: the optimizer does not decay
-        assert by_name[name]["lwd_weight_decay"] == wd
-        assert by_name[name]["lwd_planned_weight_decay"] == wd
-    assert by_name["head"]["lr"] == pytest.approx(0.5e-2)  # lr_scale 0.5 of the optimizer's 1e-2
+        assert by_name[name]["weight_decay"] == wd  # λ where every tool reads it
+        assert by_name[name]["lwd_planned"] is True
+        assert not {"lwd_weight_decay", "lwd_planned_weight_decay", "lr_scale"} & set(by_name[name])
+    assert by_name["head"]["lr"] == pytest.approx(0.5e-2)  # lr_scale 0.5 of the optimizer's 1e-2, applied once
     # the rules saved with the hyper-parameters come back equal, and a module rebuilt from them plans the same
     assert checkpoint["hyper_parameters"]["decay_rules"] == RULES
     restored = HParamsNet.load_from_checkpoint(path)
@@ -105,7 +105,10 @@ def test_callback_state_with_several_optimizers_is_plain(tmp_path):
     t.fit(TwoOptNet(), loader())
     t.save_checkpoint(tmp_path / "two.ckpt")
     checkpoint = torch.load(tmp_path / "two.ckpt", weights_only=True)
-    assert checkpoint["callbacks"][cb.state_key] == {"version": 1, "steps": [5, 3], "total_steps": None}
+    assert checkpoint["callbacks"][cb.state_key] == {
+        "version": 2,
+        "engines": [{"version": 2, "steps": 5, "total_steps": None}, {"version": 2, "steps": 3, "total_steps": None}],
+    }
     for opt_state in checkpoint["optimizer_states"]:
         assert_plain(opt_state["param_groups"], "param_groups")
     assert_plain(cb.state_dict())
@@ -161,12 +164,11 @@ def _groups(t: L.Trainer) -> dict[str, dict[str, Any]]:
 
 
 def test_checkpoint_without_callback_resumes_with_callback(tmp_path):
-    """The optimizer decayed by itself; on resume the callback takes the decay over."""
+    """The optimizer decayed by itself; on resume the callback decays with the same λ, after the step."""
     coupled = CoupledSGDCheck(WDS)
     first = trainer(tmp_path, [coupled], max_epochs=1)
     first.fit(WDNet(), loader())
     assert coupled.checked == 5
-    assert _groups(first)["decay"]["weight_decay"] == WD and "lwd_weight_decay" not in _groups(first)["decay"]
     first.save_checkpoint(tmp_path / "plain.ckpt")
 
     recorder = StepRecorder(WDS, mode="decoupled")
@@ -174,51 +176,76 @@ def test_checkpoint_without_callback_resumes_with_callback(tmp_path):
     second.fit(WDNet(), loader(), ckpt_path=str(tmp_path / "plain.ckpt"))
     assert recorder.checked == 5  # every resumed step: optimizer without decay, then the callback's decay
     groups = _groups(second)
-    assert groups["decay"]["weight_decay"] == 0.0 and groups["decay"]["lwd_weight_decay"] == WD
-    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["no_decay"]["lwd_weight_decay"] == 0.0
+    assert groups["decay"]["weight_decay"] == WD and groups["no_decay"]["weight_decay"] == 0.0
 
 
-def test_checkpoint_with_callback_resumed_without_it_hands_the_decay_back(tmp_path):
-    """Resumed without the callback, the groups would decay by nothing: WDMixin gives the decay back."""
+def test_checkpoint_with_callback_resumed_without_it_keeps_the_decay(tmp_path):
+    """The checkpoint holds λ in each group's weight_decay: without the callback the optimizer applies it."""
     recorder = StepRecorder(WDS, mode="decoupled")
     first = trainer(tmp_path, [lwd.WeightDecayCallback(), recorder], max_epochs=1)
     first.fit(WDNet(), loader())
-    assert recorder.checked == 5 and _groups(first)["decay"]["weight_decay"] == 0.0
+    assert recorder.checked == 5 and _groups(first)["decay"]["weight_decay"] == WD
     first.save_checkpoint(tmp_path / "callback.ckpt")
     saved = torch.load(tmp_path / "callback.ckpt", weights_only=True)["optimizer_states"][0]["param_groups"]
-    assert [(g["name"], g["weight_decay"], g["lwd_weight_decay"]) for g in saved] == [
-        ("no_decay", 0.0, 0.0),
-        ("decay", 0.0, WD),
-    ]
+    assert [(g["name"], g["weight_decay"]) for g in saved] == [("no_decay", 0.0), ("decay", WD)]
 
     coupled = CoupledSGDCheck(WDS)
     second = trainer(tmp_path, [coupled], max_epochs=2)
-    with pytest.warns(UserWarning, match=r"no WeightDecayCallback.*now applied by the optimizer's own `weight_decay`"):
-        second.fit(WDNet(), loader(), ckpt_path=str(tmp_path / "callback.ckpt"))
+    second.fit(WDNet(), loader(), ckpt_path=str(tmp_path / "callback.ckpt"))
     assert coupled.checked == 5  # every resumed step decays, through the optimizer
-    groups = _groups(second)
-    assert groups["decay"]["weight_decay"] == WD and "lwd_weight_decay" not in groups["decay"]
-    assert groups["no_decay"]["weight_decay"] == 0.0 and "lwd_weight_decay" not in groups["no_decay"]
 
 
-def test_hand_back_then_callback_again_round_trips(tmp_path):
-    """callback -> no callback -> callback: the decay is handed over, back, and over again."""
+def _legacy_checkpoint(tmp_path: Any) -> str:
+    """A checkpoint as older releases wrote it: λ under ``lwd_weight_decay``, the group's own weight_decay 0."""
+    first = trainer(tmp_path, [lwd.WeightDecayCallback()], max_epochs=1)
+    first.fit(WDNet(), loader())
+    first.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    for g in checkpoint["optimizer_states"][0]["param_groups"]:
+        wd = g["weight_decay"]
+        del g["lwd_planned"]
+        g.update(weight_decay=0.0, lwd_weight_decay=wd, lwd_planned_weight_decay=wd)
+    for key in list(checkpoint["callbacks"]):
+        checkpoint["callbacks"][key] = {"version": 1, "steps": [5], "total_steps": None}
+    torch.save(checkpoint, tmp_path / "legacy.ckpt")
+    return str(tmp_path / "legacy.ckpt")
+
+
+def test_legacy_checkpoint_resumed_without_the_callback_gets_its_decay_back(tmp_path):
+    ckpt = _legacy_checkpoint(tmp_path)
+    coupled = CoupledSGDCheck(WDS)
+    second = trainer(tmp_path, [coupled], max_epochs=2)
+    with pytest.warns(UserWarning, match=r"kept their decay under `lwd_weight_decay`.*decay=0.3"):
+        second.fit(WDNet(), loader(), ckpt_path=ckpt)
+    assert coupled.checked == 5
+    assert _groups(second)["decay"]["weight_decay"] == WD and "lwd_weight_decay" not in _groups(second)["decay"]
+
+
+def test_legacy_checkpoint_resumed_with_the_callback_gets_its_decay_back(tmp_path):
+    ckpt = _legacy_checkpoint(tmp_path)
+    recorder = StepRecorder(WDS, mode="decoupled")
+    cb = lwd.WeightDecayCallback()
+    second = trainer(tmp_path, [cb, recorder], max_epochs=2)
+    second.fit(WDNet(), loader(), ckpt_path=ckpt)
+    assert recorder.checked == 5 and [e.steps for e in cb.engines] == [10]
+    assert _groups(second)["decay"]["weight_decay"] == WD
+
+
+def test_resume_with_other_decay_rules_says_which_lambda_is_used(tmp_path):
     first = trainer(tmp_path, [lwd.WeightDecayCallback()], max_epochs=1)
     first.fit(WDNet(), loader())
     first.save_checkpoint(tmp_path / "a.ckpt")
-    second = trainer(tmp_path, [], max_epochs=2)
-    with pytest.warns(UserWarning, match="no WeightDecayCallback"):
-        second.fit(WDNet(), loader(), ckpt_path=str(tmp_path / "a.ckpt"))
-    second.save_checkpoint(tmp_path / "b.ckpt")
-    recorder = StepRecorder(WDS, mode="decoupled")
-    third = trainer(tmp_path, [lwd.WeightDecayCallback(), recorder], max_epochs=3)
-    third.fit(WDNet(), loader(), ckpt_path=str(tmp_path / "b.ckpt"))
+    changed = WDNet()
+    changed.decay_rules = lwd.presets.standard(0.05)
+    recorder = StepRecorder(WDS, mode="decoupled")  # the checkpoint's λ, as torch keeps the checkpoint's lr
+    second = trainer(tmp_path, [lwd.WeightDecayCallback(), recorder], max_epochs=2)
+    with pytest.warns(UserWarning, match=r"'decay': 0.3 \(rules: 0.05\).*checkpoint's optimizer state wins"):
+        second.fit(changed, loader(), ckpt_path=str(tmp_path / "a.ckpt"))
     assert recorder.checked == 5
-    assert _groups(third)["decay"]["weight_decay"] == 0.0 and _groups(third)["decay"]["lwd_weight_decay"] == WD
 
 
-def test_plain_module_checkpoint_carries_no_hand_over_keys(tmp_path):
-    """A plain optimizer's groups, decayed through ``rules=``, are not handed over: nothing to give back."""
+def test_plain_module_checkpoint_carries_no_plan_keys(tmp_path):
+    """A plain optimizer's groups, decayed through ``rules=``, keep their own weight_decay (0) and no lambda key."""
     cb = lwd.WeightDecayCallback(rules=lwd.presets.standard(WD))
     t = trainer(tmp_path, [cb])
     t.fit(PlainNet(), loader())

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI, OptimizerCallable
 class CLIModel(lwd.WDMixin, BoringModel):
     """The documented pattern: `optimizer` and `decay_rules` as init arguments."""
 
+    configure_optimizers = lwd.WDMixin.configure_optimizers  # BoringModel has its own
     show_decay_plan = False
 
     def __init__(
@@ -36,6 +37,7 @@ class CLIModel(lwd.WDMixin, BoringModel):
 class KwargsCLIModel(lwd.WDMixin, BoringModel):
     """`decay_rules` / `decay_plan_options` reach WDMixin.__init__ through **kwargs."""
 
+    configure_optimizers = lwd.WDMixin.configure_optimizers  # BoringModel has its own
     show_decay_plan = False
 
     def __init__(self, hidden: int = 16, optimizer: OptimizerCallable = torch.optim.AdamW, **kwargs: Any) -> None:

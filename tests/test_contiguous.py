@@ -141,8 +141,8 @@ def test_contiguous_groups_decay_exactly_like_the_reference(tmp_path, replace):
     callbacks = [cb, ReplaceData()] if replace else [cb]
     logger = CSVLogger(tmp_path, name="csv", version=0)
     trainer(tmp_path, callbacks, logger=logger, log_every_n_steps=1).fit(model, loader())
-    (state,) = cb._states
-    decay = next(b for b in state.buckets if b.name == "decay")
+    (state,) = cb.engines
+    decay = next(b for b in state._buckets if b.name == "decay")
     assert [len(chunk) for chunk in decay.chunks] == [12]
     assert (decay.flat(0) is None) == replace  # one kernel over the group's buffer, until its layout breaks
     expected = reference_run(steps=5)
@@ -172,7 +172,7 @@ class CheckRanksAgree(L.Callback):
         for name, p in pl_module.named_parameters():
             gathered = trainer.strategy.all_gather(p.detach())
             assert all(torch.equal(gathered[r], gathered[0]) for r in range(trainer.world_size)), name
-        decay = next(b for b in trainer.callbacks[0]._states[0].buckets if b.name == "decay")
+        decay = next(b for b in trainer.callbacks[0].engines[0]._buckets if b.name == "decay")
         assert decay.flat(0) is not None
 
 

@@ -236,6 +236,7 @@ def test_python_m_and_console_script() -> None:
 
 # ---------------------------------------------------------------------------- lightning-wd plot
 class _Model(lwd.WDMixin, BoringModel):
+    configure_optimizers = lwd.WDMixin.configure_optimizers  # BoringModel has its own
     show_decay_plan = False
 
 

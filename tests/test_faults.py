@@ -6,8 +6,9 @@
 * A run interrupted by an exception mid-epoch and resumed from ``last.ckpt`` ends bitwise
   where the uninterrupted run ends.
 * Parameters unfrozen mid-run by ``BaseFinetuning`` are decayed by the rules from then on
-  (checked step by step against a reference), the added group's own ``weight_decay`` is handed
-  over (never applied twice), and all of it survives a resume.
+  (checked step by step against a reference): ``WDMixin`` splits the added group by the rules,
+  each part with the rules' λ as its own ``weight_decay`` (never applied twice), and all of it
+  survives a resume.
 * A ``torch.compile``-d inner module plans under the same names as the eager one.
 * Parameters replaced between two fits are the ones planned and decayed by the second fit.
 
@@ -18,6 +19,7 @@ References are written here from the documented formulas (``tests.callback_helpe
 from __future__ import annotations
 
 import math
+import warnings
 import shutil
 from functools import partial
 from pathlib import Path
@@ -169,7 +171,7 @@ def test_interrupted_run_resumes_bitwise(tmp_path):
     assert checkpoint["global_step"] == 6
     assert checkpoint["global_step"] % 5 != 0  # mid-epoch (5 batches per epoch)
     state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("WeightDecayCallback"))
-    assert state["steps"] == [6]
+    assert [e["steps"] for e in state["engines"]] == [6]
     resumed, t = _resume_run(tmp_path / "crashed", ckpt=str(last))
     assert t.global_step == 15
     for name, value in straight.items():
@@ -270,28 +272,30 @@ class ShadowAdamW(L.Callback):
         self.pending = []
 
 
-def test_unfrozen_group_of_mixin_module_is_decayed_and_adamw_default_handed_over(tmp_path):
-    """AdamW's default weight_decay=0.01 lands on the group BaseFinetuning adds: handed over with a warning."""
+def test_unfrozen_group_of_mixin_module_is_split_by_the_rules(tmp_path):
+    """BaseFinetuning adds the backbone without a weight_decay: WDMixin splits it by the rules, each part with its λ."""
     model = Backboned(partial(torch.optim.AdamW, lr=LR))
     shadow = ShadowAdamW(BACKBONE_WDS)
     t = trainer(tmp_path, [UnfreezeAtEpoch1(), lwd.WeightDecayCallback(), shadow], max_epochs=2)
-    with pytest.warns(UserWarning, match=r"was added with the optimizer's own weight_decay=0.01.*set to 0"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*weight_decay.*")  # nothing to warn about: no default λ used
         t.fit(model, loader())
-    groups = t.optimizers[0].param_groups
-    assert len(groups) == 3
-    assert groups[-1]["weight_decay"] == 0.0  # the optimizer's own decay is off: the rules decay it once
-    backbone = ("backbone.0.weight", "backbone.0.bias", "backbone.1.weight", "backbone.1.bias")
-    assert shadow.checked[backbone] == 5  # the five steps of epoch 1, each checked against the reference
+    added = {g["name"]: (g["weight_decay"], g["param_names"]) for g in t.optimizers[0].param_groups[2:]}
+    assert added == {
+        "pg3/decay": (WD, ["backbone.0.weight"]),
+        "pg3/no_decay": (0.0, ["backbone.0.bias", "backbone.1.weight", "backbone.1.bias"]),
+    }
+    assert shadow.checked[("backbone.0.weight",)] == 5  # the five steps of epoch 1, each checked against the reference
+    assert shadow.checked[("backbone.0.bias", "backbone.1.weight", "backbone.1.bias")] == 5
     assert shadow.checked[("head.bias",)] == 10 and shadow.checked[("head.weight",)] == 10
 
 
 def test_unfrozen_group_of_mixin_module_with_sgd_matches_reference(tmp_path):
-    """The same with SGD given weight_decay=0.01 (defaults of the added group): stepped by the formula."""
+    """The same with SGD given weight_decay=0.01 (the optimizer's default, not used): stepped by the formula."""
     model = Backboned(partial(torch.optim.SGD, lr=LR, weight_decay=0.01))
     recorder = StepRecorder(BACKBONE_WDS, mode="decoupled")
     t = trainer(tmp_path, [UnfreezeAtEpoch1(), lwd.WeightDecayCallback(), recorder], max_epochs=2)
-    with pytest.warns(UserWarning, match="was added with the optimizer's own weight_decay=0.01"):
-        t.fit(model, loader())
+    t.fit(model, loader())
     assert recorder.checked == 10
 
 
@@ -304,7 +308,7 @@ def test_unfrozen_group_of_plain_module_is_decayed_by_callback_rules(tmp_path):
     t.fit(model, loader())
     assert recorder.checked == 10
     assert not torch.equal(model.backbone[0].weight, frozen_before)
-    assert sorted(b.name for b in cb._states[0].buckets if b.name.startswith("pg2")) == ["pg2/decay", "pg2/no_decay"]
+    assert sorted(b.name for b in cb.engines[0]._buckets if b.name.startswith("pg2")) == ["pg2/decay", "pg2/no_decay"]
 
 
 def _finetune_run(root: Path, max_epochs: int, ckpt: str | None = None) -> tuple[dict[str, Tensor], L.Trainer]:
@@ -320,7 +324,6 @@ def _finetune_run(root: Path, max_epochs: int, ckpt: str | None = None) -> tuple
     return params_of(model), t
 
 
-@pytest.mark.filterwarnings("ignore:Optimizer group .* was added with:UserWarning")
 def test_unfrozen_group_survives_resume(tmp_path):
     straight, _ = _finetune_run(tmp_path / "straight", 3)
     _finetune_run(tmp_path / "first", 2)
@@ -332,9 +335,9 @@ def test_unfrozen_group_survives_resume(tmp_path):
     for name, value in straight.items():  # bitwise: the resumed run decays the added group as the straight one
         assert torch.equal(resumed[name], value), name
     groups = t.optimizers[0].param_groups
-    assert len(groups) == 3 and groups[-1]["weight_decay"] == 0.0
+    assert [(g["name"], g["weight_decay"]) for g in groups[2:]] == [("pg3/decay", WD), ("pg3/no_decay", 0.0)]
     names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)]: b.weight_decay for b in cb._states[0].buckets for p in b.params if b.weight_decay}
+    decayed = {names[id(p)]: b.weight_decay for b in cb.engines[0]._buckets for p in b.params if b.weight_decay}
     assert decayed == BACKBONE_WDS
 
 
@@ -392,9 +395,9 @@ def test_parameters_replaced_between_fits_are_planned_and_decayed(tmp_path, plai
     assert recorder.checked == 3  # every step of the new parameters follows the formula
     for name, value in params_of(stale).items():  # the stale layer is neither stepped nor decayed
         assert torch.equal(value, stale_values[name]), name
-    planned = {id(p) for b in cb._states[0].buckets for p in b.params}
+    planned = {id(p) for b in cb.engines[0]._buckets for p in b.params}
     assert id(model.net.fc1.weight) in planned and id(stale.weight) not in planned
-    decayed = {id(p) for b in cb._states[0].buckets if b.weight_decay > 0 for p in b.params}
+    decayed = {id(p) for b in cb.engines[0]._buckets if b.weight_decay > 0 for p in b.params}
     assert decayed == {id(model.net.fc1.weight), id(model.net.fc2.weight)}
 
 

@@ -25,6 +25,7 @@ DECAY = ["layer.0.weight", "layer.2.weight"]
 class LitWD(lwd.WDMixin, BoringModel):
     """A user's module: its own init arguments, save_hyperparameters, the mixin's configure_optimizers."""
 
+    configure_optimizers = lwd.WDMixin.configure_optimizers  # BoringModel has its own
     decay_rules = lwd.presets.standard(weight_decay=0.05)
 
     def __init__(
@@ -218,6 +219,7 @@ def test_decay_rules_init_argument_and_class_attribute():
 
 
 class MergedPlan(lwd.WDMixin, BoringModel):
+    configure_optimizers = lwd.WDMixin.configure_optimizers  # BoringModel has its own
     show_decay_plan = False
 
     def __init__(self, decay_plan_options: dict | None = None) -> None:
