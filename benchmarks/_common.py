@@ -1,4 +1,4 @@
-"""Shared helpers of the step benchmarks: interleaved timing, tables, machine info, a callback harness.
+"""Shared helpers of the step benchmarks: interleaved timing, tables, machine info, an engine harness.
 
 Not a benchmark itself. ``bench_decay.py``, ``bench_fit.py`` and ``bench_memory.py`` import it
 (``python benchmarks/<script>.py`` puts this folder on ``sys.path``).
@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 import lightning_wd as lwd
-from lightning_wd.callback import _OptimizerState
-from lightning_wd.mixin import PLANNED_KEY
+from lightning_wd.engine import PLANNED_KEY
 
 
 def sync(device: torch.device) -> None:
@@ -129,46 +128,53 @@ class NullLogger:
         self.calls += 1
 
 
-class CallbackHarness:
-    """The real step path of :class:`lightning_wd.WeightDecayCallback`, without a Trainer.
+class _NoStep(torch.optim.SGD):
+    """An SGD whose own update does nothing, so that a step times only what the engine adds."""
 
-    One SGD optimizer group built like ``WDMixin``'s (planned ``weight_decay``, handed over
-    to the callback), set up with the callback's own ``_plan_buckets``/``_install``, and a
-    stub trainer that says whether the step is a logging step. :meth:`before_step` runs the
-    callback's ``on_before_optimizer_step`` (the snapshot, in the modes that take one) and
-    :meth:`after_step` the optimizer step post-hook (decay, metrics, logging); the optimizer
-    itself is never stepped, so only the callback's work is timed.
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        return None
 
-    It touches private names of ``lightning_wd.callback``: keep it in step with that module.
+
+class EngineHarness:
+    """The real step path of :class:`lightning_wd.WeightDecay` (what the callback runs), without a Trainer.
+
+    One optimizer group built like ``WDMixin``'s (planned, its λ in ``weight_decay``) under an
+    optimizer whose own update does nothing, so only the engine's work is timed. :meth:`step` is a
+    real ``optimizer.step()`` through the engine's wrapper (λ out and back in, the snapshot in the
+    modes that take one, the decay), followed on logging steps by :meth:`WeightDecay.metrics` and one
+    ``log_metrics`` call, as the callback makes at batch end. :meth:`before_step` and
+    :meth:`after_step` split it around the optimizer's update (snapshot; decay and metrics), for
+    the memory benchmark.
+
+    It touches private names of ``lightning_wd.engine``: keep it in step with that module.
     """
 
     def __init__(
         self, params: list[Tensor], *, weight_decay: float = 0.1, lr: float = 1e-3, logging: bool = False, **kwargs: Any
     ) -> None:
-        self.callback = lwd.WeightDecayCallback(**kwargs)
-        self.optimizer = torch.optim.SGD(
-            [{"params": params, "weight_decay": weight_decay, PLANNED_KEY: weight_decay, "name": "decay"}], lr=lr
+        self.optimizer = _NoStep(
+            [{"params": params, "weight_decay": weight_decay, PLANNED_KEY: True, "name": "decay"}], lr=lr
         )
+        track = logging and kwargs.pop("log_update_norm", False)
+        self.engine = lwd.WeightDecay(self.optimizer, track_updates=track, **kwargs)
+        self.logging = logging
         self.logger = NullLogger()
-        self.trainer = SimpleNamespace(
-            loggers=[self.logger] if logging else [],
-            is_global_zero=True,
-            _logger_connector=SimpleNamespace(should_update_logs=logging),
-            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=0)),
-        )
-        cb = self.callback
-        cb._trainer = self.trainer  # type: ignore[assignment]
-        self.state = _OptimizerState(optimizer=self.optimizer, prefix="", owned=True)
-        buckets, handover = cb._plan_buckets(self.state, fit_start=True)
-        cb._install(self.state, buckets, handover)
-        cb._states = [self.state]
 
     def before_step(self) -> None:
-        self.callback.on_before_optimizer_step(self.trainer, None, self.optimizer)  # type: ignore[arg-type]
+        engine = self.engine
+        engine._refresh()
+        engine._saved = [g.get("weight_decay") for g in self.optimizer.param_groups]
+        if engine.options.needs_snapshot(engine.track_updates):
+            engine._take_snapshot()
 
     def after_step(self) -> None:
-        self.callback._after_step(self.state, self.optimizer, (), {})
+        self.engine._decay(self.engine._saved)
+        self._log()
 
     def step(self) -> None:
-        self.before_step()
-        self.after_step()
+        self.optimizer.step()
+        self._log()
+
+    def _log(self) -> None:
+        if self.logging:
+            self.logger.log_metrics(self.engine.metrics(), step=self.engine.steps)

@@ -24,10 +24,10 @@ Rows:
   (cautious, with :func:`~lightning_wd.functional.cautious_mask` computed in the pass);
   ``relative`` adds :func:`~lightning_wd.functional.mean_abs` for the step;
 * ``global_norm``: the norm logged on logging steps;
-* ``callback`` rows: the callback's real step path (its optimizer step post-hook: gradient
-  check, step size, decay, and on a logged step the metrics and their one host sync); for
-  ``cautious`` also the snapshot it takes in ``on_before_optimizer_step``, in the full step and
-  alone; ``contiguous group`` rows run it over parameters laid out in one buffer by
+* ``callback`` rows: the real step path of the callback's engine (``optimizer.step()`` through
+  its wrapper, over an optimizer whose own update does nothing: λ out and back in, gradient check,
+  step size, decay, and on a logged step the metrics and their one host sync); for ``cautious``
+  also the snapshot it takes before the optimizer's update, in the full step and alone; ``contiguous group`` rows run it over parameters laid out in one buffer by
   :func:`~lightning_wd.functional.make_contiguous_` (``WDMixin.contiguous_parameters = True``).
 """
 
@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CallbackHarness, interleaved, machine_info, make_params, ratio, split_sizes, table
+from _common import EngineHarness, interleaved, machine_info, make_params, ratio, split_sizes, table
 
 from lightning_wd import functional as F
 
@@ -78,16 +78,16 @@ def _cases(
     cases["logging: global_norm"] = lambda: F.global_norm(params)
 
     harnesses = {
-        "decoupled": CallbackHarness(params, weight_decay=WD, lr=LR, mode="decoupled"),
-        "lr_ratio": CallbackHarness(params, weight_decay=WD, lr=LR, mode="lr_ratio"),
-        "independent": CallbackHarness(params, weight_decay=WD * LR, lr=LR, mode="independent"),
-        "relative (params, mean_abs)": CallbackHarness(params, weight_decay=WD, lr=LR, mode="relative"),
-        "L1 (ord=1)": CallbackHarness(params, weight_decay=WD, lr=LR, ord=1),
-        "decoupled, logged step": CallbackHarness(params, weight_decay=WD, lr=LR, logging=True),
+        "decoupled": EngineHarness(params, weight_decay=WD, lr=LR, mode="decoupled"),
+        "lr_ratio": EngineHarness(params, weight_decay=WD, lr=LR, mode="lr_ratio"),
+        "independent": EngineHarness(params, weight_decay=WD * LR, lr=LR, mode="independent"),
+        "relative (params, mean_abs)": EngineHarness(params, weight_decay=WD, lr=LR, mode="relative"),
+        "L1 (ord=1)": EngineHarness(params, weight_decay=WD, lr=LR, ord=1),
+        "decoupled, logged step": EngineHarness(params, weight_decay=WD, lr=LR, logging=True),
     }
     for label, h in harnesses.items():
         cases[f"callback {label}"] = h.step
-    cases["callback cautious: full step (snapshot + mask + decay)"] = CallbackHarness(
+    cases["callback cautious: full step (snapshot + mask + decay)"] = EngineHarness(
         params, weight_decay=WD, lr=LR, cautious=True
     ).step
     # The same step over parameters laid out in one buffer (WDMixin's contiguous_parameters=True).
@@ -96,11 +96,11 @@ def _cases(
         ("relative (params, mean_abs)", {"mode": "relative"}),
         ("L1 (ord=1)", {"ord": 1}),
     ):
-        cases[f"callback {label}, contiguous group"] = CallbackHarness(
+        cases[f"callback {label}, contiguous group"] = EngineHarness(
             contiguous, weight_decay=WD, lr=LR, **kwargs
         ).step
-    # The snapshot alone (on_before_optimizer_step), taken and dropped.
-    cases["callback cautious: snapshot alone"] = CallbackHarness(
+    # The snapshot alone (taken before the optimizer's update), taken and dropped.
+    cases["callback cautious: snapshot alone"] = EngineHarness(
         params, weight_decay=WD, lr=LR, cautious=True
     ).before_step
     return cases

@@ -11,7 +11,7 @@ Configurations (same model, data and seed; the model uses ``WDMixin`` with
 
 * **A**: no callback; AdamW applies its own decay to the decayed group (``weight_decay=0.1``).
 * **B**: ``WeightDecayCallback(mode="decoupled")`` with the default ``log_every_n_steps=50``
-  (the hand-over sets AdamW's ``weight_decay`` to 0, the callback decays instead).
+  (AdamW sees ``weight_decay=0`` during its step only; the callback's engine decays after it).
 * **C**: as B, but ``log_every_n_steps=1``: the callback measures and logs every step.
 
 The model logs nothing itself and the logger drops what it receives, so C isolates the
@@ -132,26 +132,40 @@ class StepTimer(L.Callback):
 
 
 def _time_hooks(cb: lwd.WeightDecayCallback, device: torch.device) -> list[float]:
-    """Wrap the callback's step hooks (instance attributes); returns the list their times go to.
+    """Time the callback's per-step work; returns the list of per-step totals it fills.
 
-    ``on_before_optimizer_step`` and the optimizer step post-hook each add one entry per step,
-    so consecutive pairs sum to the callback's time in that step.
+    A step starts at the callback's ``on_train_batch_start``; its ``on_train_batch_end`` and the
+    engine's own work inside each optimizer step (following the optimizer's groups, the snapshot,
+    the decay) are added to it. The optimizer's update, which the engine wraps, is not counted.
     """
     spent: list[float] = []
 
-    def timed(fn: Any) -> Any:
+    def timed(fn: Any, *, new_step: bool = False) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             # No synchronize here: it would stall B and C where A runs on. On CUDA this is the host
             # time of the hooks (launches, Python); their device time shows in the step time.
             start = time.perf_counter()
             out = fn(*args, **kwargs)
-            spent.append(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            if new_step or not spent:
+                spent.append(elapsed)
+            else:
+                spent[-1] += elapsed
             return out
 
         return wrapper
 
-    cb._after_step = timed(cb._after_step)  # type: ignore[method-assign]
-    cb.on_before_optimizer_step = timed(cb.on_before_optimizer_step)  # type: ignore[method-assign]
+    attach = cb.on_train_start
+
+    def on_train_start(trainer: Any, pl_module: Any) -> None:
+        attach(trainer, pl_module)
+        for engine in cb.engines:
+            for name in ("_refresh", "_take_snapshot", "_decay"):
+                setattr(engine, name, timed(getattr(engine, name)))
+
+    cb.on_train_start = on_train_start  # type: ignore[method-assign]
+    cb.on_train_batch_start = timed(cb.on_train_batch_start, new_step=True)  # type: ignore[method-assign]
+    cb.on_train_batch_end = timed(cb.on_train_batch_end)  # type: ignore[method-assign]
     return spent
 
 
@@ -185,7 +199,7 @@ def run(config: str, args: argparse.Namespace, data: torch.Tensor, device: torch
         warnings.simplefilter("ignore")
         trainer.fit(model, loader)
     gaps = [b - a for a, b in zip(timer.stamps, timer.stamps[1:], strict=False)][args.warmup :]
-    per_step = [a + b for a, b in zip(spent[0::2], spent[1::2], strict=False)][args.warmup : steps]
+    per_step = spent[args.warmup : steps]
     # The mean, not the median: it spreads the logged steps' cost over the steps in between.
     hooks = statistics.fmean(per_step) if per_step else 0.0
     return {"step": statistics.median(gaps), "hooks": hooks, "log_calls": logger.calls}

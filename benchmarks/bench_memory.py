@@ -8,17 +8,17 @@ Run from the repository root::
 
 Two measurements:
 
-1. **The callback's step alone** (the real ``on_before_optimizer_step`` and optimizer step
-   post-hook, on one group of parameters with gradients, see ``_common.CallbackHarness``):
-   ``held`` is the size of the copy the callback keeps from ``on_before_optimizer_step`` to the
-   post-hook (``state.snapshot``), ``peak`` the most memory allocated at any moment between the
-   start of ``on_before_optimizer_step`` and the end of the post-hook, above what was allocated
-   before, and ``left`` what is still allocated after. On CPU, allocations are read from
+1. **The engine's step alone** (the real snapshot before the optimizer's update and the decay
+   after it, on one group of parameters with gradients, see ``_common.EngineHarness``):
+   ``held`` is the size of the copy the engine keeps through the optimizer's update
+   (``engine._snapshot``), ``peak`` the most memory allocated at any moment between the snapshot
+   and the end of the decay, above what was allocated before, and ``left`` what is still
+   allocated after. On CPU, allocations are read from
    ``torch.profiler`` (``profile_memory=True``: every allocation and free, in order); on CUDA
    from ``torch.cuda.max_memory_allocated``. Sizes are given as multiples of the decayed
    parameters' bytes.
 2. **Inside ``Trainer.fit``** (the GPT of ``bench_fit.py``): a probe callback placed after
-   ``WeightDecayCallback`` reads ``state.snapshot`` in ``on_before_optimizer_step`` and after the
+   ``WeightDecayCallback`` reads the engine's snapshot just before the decay and after the
    step; on CUDA it also records the peak memory of the steps, against the same run without the
    callback.
 """
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning as L
-from _common import CallbackHarness, machine_info, make_params, split_sizes, table
+from _common import EngineHarness, machine_info, make_params, split_sizes, table
 
 import lightning_wd as lwd
 
@@ -63,10 +63,10 @@ def _human(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def _snapshot_bytes(state: Any) -> int | None:
-    if state.snapshot is None:
+def _snapshot_bytes(engine: Any) -> int | None:
+    if engine._snapshot is None:
         return None
-    return sum(t.numel() * t.element_size() for bucket in state.snapshot for chunk in bucket for t in chunk)
+    return sum(t.numel() * t.element_size() for bucket in engine._snapshot for chunk in bucket for t in chunk)
 
 
 def _cpu_window(fn: Any) -> tuple[int, int]:
@@ -100,14 +100,14 @@ def step_alone(sizes: list[int], device: torch.device, dtype: torch.dtype) -> li
     for label, options in MODES.items():
         options = dict(options)
         logging_step = options.pop("logging", False)
-        h = CallbackHarness(params, weight_decay=0.1, lr=1e-3, logging=logging_step, **options)
+        h = EngineHarness(params, weight_decay=0.1, lr=1e-3, logging=logging_step, **options)
         with torch.no_grad():
             h.step()  # warm-up (first-step checks), then the measured step
             held: list[int | None] = []
 
-            def one_step(h: CallbackHarness = h, held: list[int | None] = held) -> None:
+            def one_step(h: EngineHarness = h, held: list[int | None] = held) -> None:
                 h.before_step()
-                held.append(_snapshot_bytes(h.state))
+                held.append(_snapshot_bytes(h.engine))
                 h.after_step()
 
             if device.type == "cuda":
@@ -140,15 +140,21 @@ class SnapshotProbe(L.Callback):
         self.after: list[int | None] = []
         self.decayed_bytes = 0
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        state = self.cb._states[0]
-        self.decayed_bytes = sum(
-            p.numel() * p.element_size() for b in state.buckets if b.weight_decay > 0 for p in b.params
-        )
-        self.before.append(_snapshot_bytes(state))
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        engine = self.cb.engines[0]
+        decay = engine._decay
+
+        def probed(saved: Any) -> None:  # the copy held through the optimizer's update, just before the decay
+            self.decayed_bytes = sum(
+                p.numel() * p.element_size() for b in engine._buckets if b.weight_decay > 0 for p in b.params
+            )
+            self.before.append(_snapshot_bytes(engine))
+            decay(saved)
+
+        engine._decay = probed  # type: ignore[method-assign]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        self.after.append(_snapshot_bytes(self.cb._states[0]))
+        self.after.append(_snapshot_bytes(self.cb.engines[0]))
 
 
 def in_fit(device: torch.device, quick: bool) -> list[list[str]]:
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("## Inside Trainer.fit (snapshot read by a probe callback)")
     print()
-    headers = ["mode", "snapshot at on_before_optimizer_step (x decayed bytes)", "freed after the step"]
+    headers = ["mode", "snapshot held through the update (x decayed bytes)", "freed after the step"]
     if device.type == "cuda":
         headers.append("peak vs no callback (x decayed bytes)")
     print(table(headers, in_fit(device, args.quick)))
