@@ -284,19 +284,14 @@ def test_model_parallel_strategy_with_fully_shard_matches_reference(tmp_path, mo
     ],
 )
 def test_which_ranks_measure_the_norms(sharded, is_global_zero, should_update_logs, measures):
-    from lightning_wd.callback import _OptimizerState
-
     cb = lwd.WeightDecayCallback()
     cb._trainer = SimpleNamespace(  # type: ignore[assignment]
         loggers=[object()],
         is_global_zero=is_global_zero,
         _logger_connector=SimpleNamespace(should_update_logs=should_update_logs),
     )
-    state = _OptimizerState(
-        optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), prefix="", owned=True
-    )
-    state.sharded = sharded
-    assert cb._logging_step(state) is measures
+    cb.engines = [SimpleNamespace(sharded=sharded)]  # type: ignore[list-item]
+    assert cb._logging_step() is measures
 
 
 def test_lightning_refuses_fsdp_on_cpu_before_our_callback():

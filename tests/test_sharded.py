@@ -26,6 +26,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import lightning_wd as lwd
 from tests.helpers import run_script
 
 pytestmark = pytest.mark.slow
@@ -228,20 +229,19 @@ def _check_decay(rank: int) -> None:
         torch.testing.assert_close(got, ref_cautious(full[n] - 0.3 * torch.sign(full[n]) * (masks[n] * 2 - 1), full[n]))
 
 
-def _check_callback_refuses_partial_parameters(rank: int) -> None:
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+def _check_engine_refuses_partial_parameters(rank: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial
 
-    from lightning_wd.callback import _make_bucket
-
     mesh = init_device_mesh("cpu", (WORLD,))
     p = torch.nn.Parameter(DTensor.from_local(torch.ones(2), mesh, [Partial()], run_check=False))
+    optimizer = torch.optim.SGD([{"params": [p], "name": "decay", "weight_decay": 0.1}], lr=0.1)
     try:
-        _make_bucket("decay", {}, 0.1, [p])
-    except MisconfigurationException as error:
+        lwd.WeightDecay(optimizer)
+    except ValueError as error:
         assert "group 'decay' is a DTensor with placements (Partial(sum),)" in str(error), str(error)
-        assert "Shard or replicate it in `configure_model`" in str(error), str(error)
+        assert "Shard or replicate it (FSDP2's `fully_shard`" in str(error), str(error)
+        assert "step" not in optimizer.__dict__  # nothing attached
     else:
         raise AssertionError("a Partial parameter was accepted")
 
@@ -255,7 +255,7 @@ def _worker(rank: int, port: int) -> None:
     try:
         _check_norms(rank)
         _check_decay(rank)
-        _check_callback_refuses_partial_parameters(rank)
+        _check_engine_refuses_partial_parameters(rank)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -273,3 +273,11 @@ def test_fsdp2_script_in_subprocess_matches_single_process(tmp_path, mode):
     against the gathered parameters, and exits non-zero on a mismatch."""
     result = run_script("fsdp2_fit.py", mode, str(tmp_path / "run"), cwd=tmp_path)
     assert f"fsdp2_fit OK: mode={mode}, 10 logged steps" in result.stdout, result.stdout[-3000:]
+
+
+def test_fsdp2_resume_from_a_sharded_checkpoint_keeps_the_decay(tmp_path):
+    """ModelParallelStrategy's default checkpoint is a directory of shards: resumed from it, every group
+    keeps its λ (checked at train start in both processes) and the run ends where the straight run does."""
+    run_script("fsdp2_fit.py", "decoupled", str(tmp_path / "run"), "first", cwd=tmp_path)
+    result = run_script("fsdp2_fit.py", "decoupled", str(tmp_path / "run"), "resume", cwd=tmp_path)
+    assert "fsdp2_fit OK: mode=decoupled, 5 logged steps" in result.stdout, result.stdout[-3000:]
