@@ -1,0 +1,240 @@
+"""The decay on the paths a real run takes: a callback reused, optimizers re-created, groups added,
+parameters replaced, lr scales under every scheduler, a base class's configure_optimizers, a crash.
+
+Each step is checked against the documented formula by ``StepRecorder`` (plain per-tensor loops in
+``tests.callback_helpers``), never through ``lightning_wd``'s own kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+from torch import Tensor, nn
+
+import lightning_wd as lwd
+from lightning_wd import schedules
+from tests.callback_helpers import DECAYED, LR, WD, Net, PlainNet, StepRecorder, WDNet, loader, trainer
+
+WDS = dict.fromkeys(DECAYED, WD)
+
+
+def test_a_callback_reused_for_a_second_fit_starts_afresh(tmp_path):
+    """Cosine without total_steps: each fit gets its own length and counts from 0 (else the multiplier is 0)."""
+    cb = lwd.WeightDecayCallback(schedule=schedules.Cosine(start=1.0, end=0.0))
+    first = StepRecorder(WDS, mode="decoupled", schedule=lambda s: 0.5 * (1 + math.cos(math.pi * min(s, 2) / 2)))
+    trainer(tmp_path, [cb, first], max_steps=2, max_epochs=None).fit(WDNet(), loader())
+    assert first.checked == 2
+    second = StepRecorder(WDS, mode="decoupled", schedule=lambda s: 0.5 * (1 + math.cos(math.pi * min(s, 5) / 5)))
+    trainer(tmp_path, [cb, second], max_steps=5, max_epochs=None).fit(WDNet(), loader())
+    assert second.checked == 5
+    assert cb.state_dict()["engines"] == [{"version": 2, "steps": 5, "total_steps": 5}]
+
+
+# ---------------------------------------------------------------- a base class's configure_optimizers
+class Existing(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Net()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_wdmixin_refuses_to_shadow_a_bases_configure_optimizers_silently():
+    with pytest.raises(TypeError, match=r"`Shadowing` puts WDMixin before Existing.*configure_optimizers = "):
+
+        class Shadowing(lwd.WDMixin, Existing):
+            pass
+
+
+def test_either_configure_optimizers_can_be_chosen_in_one_line():
+    class Mixins(lwd.WDMixin, Existing):
+        configure_optimizers = lwd.WDMixin.configure_optimizers
+        show_decay_plan = False
+
+    class Keeps(lwd.WDMixin, Existing):
+        configure_optimizers = Existing.configure_optimizers
+
+    assert [g["name"] for g in Mixins().configure_optimizers().param_groups] == ["no_decay", "decay"]
+    kept = Keeps().configure_optimizers()
+    assert len(kept.param_groups) == 1 and kept.param_groups[0]["lr"] == 0.5
+
+    class Sub(Mixins):  # a subclass inherits the choice
+        pass
+
+    assert [g["name"] for g in Sub().configure_optimizers().param_groups] == ["no_decay", "decay"]
+
+
+# ---------------------------------------------------------------- lr scaled exactly once
+class TimmLikeScheduler:
+    """What timm's schedulers do each step: ``lr = base_lr * group["lr_scale"]`` when the group has the key."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.base = [g["lr"] for g in optimizer.param_groups]
+
+    def step(self, epoch: int | None = None) -> None:
+        for g, base in zip(self.optimizer.param_groups, self.base, strict=True):
+            g["lr"] = base * g["lr_scale"] if "lr_scale" in g else base
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base": self.base}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base = state["base"]
+
+
+class ScaledHead(WDNet):
+    def __init__(self, scheduler: Any) -> None:
+        rules = [lwd.DecayRule("head", WD, params="net.fc2.weight", lr_scale=0.5), *lwd.presets.standard(WD)]
+        super().__init__(decay_rules=rules, scheduler=scheduler)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        scheduler.step()
+
+
+class LrProbe(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self.lrs.append({g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups})
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        None,
+        partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda t: 1.0),
+        {"scheduler": partial(torch.optim.lr_scheduler.StepLR, step_size=100), "interval": "step"},
+        {"scheduler": TimmLikeScheduler, "interval": "step"},
+    ],
+    ids=["no-scheduler", "torch-epoch", "lightning-step", "timm-like"],
+)
+def test_a_rules_lr_scale_is_applied_exactly_once_whatever_drives_the_lr(tmp_path, scheduler):
+    probe = LrProbe()
+    t = trainer(tmp_path, [lwd.WeightDecayCallback(), probe], max_epochs=2)
+    t.fit(ScaledHead(scheduler), loader())
+    assert probe.lrs and all(lrs == {"head": LR * 0.5, "no_decay": LR, "decay": LR} for lrs in probe.lrs), probe.lrs[-1]
+    assert not any("lr_scale" in g for g in t.optimizers[0].param_groups)
+
+
+# ---------------------------------------------------------------- optimizers and groups changing mid-run
+class RecreateOptimizers(L.Callback):
+    """Re-creates the optimizers at the start of epoch 1 (as a user switching optimizers would)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.current_epoch == 1:
+            trainer.strategy.setup_optimizers(trainer)
+
+
+def test_an_optimizer_recreated_mid_run_is_decayed_from_its_next_step(tmp_path):
+    recorder = StepRecorder(WDS, mode="decoupled")
+    cb = lwd.WeightDecayCallback()
+    t = trainer(tmp_path, [RecreateOptimizers(), cb, recorder], max_epochs=2)
+    with pytest.warns(UserWarning, match="optimizers changed during training.*same rules"):
+        t.fit(WDNet(), loader())
+    assert recorder.checked == 10  # no step without its decay, none decayed twice
+    assert [e.optimizer for e in cb.engines] == [t.optimizers[0]]
+
+
+class AddGroup(L.Callback):
+    """Adds the module's ``extra`` parameter as a new group at the start of epoch 1."""
+
+    def __init__(self, group: dict[str, Any]) -> None:
+        self.group = group
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.current_epoch == 1:
+            trainer.optimizers[0].add_param_group({"params": [pl_module.extra], **self.group})
+
+
+class WithExtra(PlainNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Parameter(torch.ones(3, 3))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return super().training_step(batch, batch_idx) + self.extra.sum() * 0.01
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.net.parameters(), lr=LR)
+
+
+def test_groups_added_mid_run_warn_instead_of_crashing(tmp_path):
+    """A duplicate name and a group's own λ under plain rules=: fit-start errors, mid-run warnings."""
+    model = WithExtra()
+    cb = lwd.WeightDecayCallback(rules=lwd.presets.standard(WD))
+    t = trainer(tmp_path, [AddGroup({"name": "decay", "weight_decay": 0.2}), cb], max_epochs=2)
+    with pytest.warns(UserWarning) as record:
+        t.fit(model, loader())
+    messages = " | ".join(str(w.message) for w in record)
+    assert "own `weight_decay`=0.2" in messages or "named ['decay']" in messages, messages
+    names = [b.name for b in cb.engines[0]._buckets]
+    assert len(names) == len(set(names)), names  # logged under unique names
+    extra = next(b for b in cb.engines[0]._buckets if b.params == [model.extra])
+    assert extra.weight_decay == 0.2  # its own λ, applied once (SGD's own decay is off during its step)
+
+
+def test_a_parameter_replaced_mid_run_is_reported(tmp_path):
+    class Replace(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if batch_idx == 2:
+                pl_module.net.fc1.weight = nn.Parameter(pl_module.net.fc1.weight.detach().clone())
+
+    t = trainer(
+        tmp_path,
+        [Replace(), lwd.WeightDecayCallback()],
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+    )
+    with pytest.warns(UserWarning, match=r"no longer parameters of the module.*Re-create the optimizer"):
+        t.fit(WDNet(), loader())
+
+
+class Crash(WDNet):
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if batch_idx == 2:
+            raise RuntimeError("crash in the closure")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_crash_inside_the_step_leaves_every_groups_lambda_in_place(tmp_path):
+    model = Crash(optimizer=partial(torch.optim.AdamW, lr=LR))
+    t = trainer(tmp_path, [lwd.WeightDecayCallback()])
+    with pytest.raises(RuntimeError, match="crash in the closure"):
+        t.fit(model, loader())
+    groups = {g["name"]: g["weight_decay"] for g in t.optimizers[0].param_groups}
+    assert groups == {"no_decay": 0.0, "decay": WD}
+    assert "step" not in t.optimizers[0].__dict__  # detached on the exception
+
+
+class BoringWD(lwd.WDMixin, BoringModel):
+    configure_optimizers = lwd.WDMixin.configure_optimizers
+    show_decay_plan = False
+
+
+def test_the_logged_weight_decay_follows_a_schedule_written_as_a_callback(tmp_path):
+    """A DINO-style callback writes each group's weight_decay: the decay and its log follow it."""
+
+    class Grow(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            for g in trainer.optimizers[0].param_groups:
+                if g["name"] == "decay":
+                    g["weight_decay"] = 0.01 * (batch_idx + 1)
+
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv")
+    t = trainer(tmp_path, [Grow(), lwd.WeightDecayCallback()], max_steps=4, logger=logger, log_every_n_steps=1)
+    t.fit(BoringWD(), torch.utils.data.DataLoader(torch.randn(16, 32), batch_size=4))
+    import csv
+    from pathlib import Path
+
+    rows = list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").open()))
+    logged = [float(r["wd/decay/weight_decay"]) for r in rows if r.get("wd/decay/weight_decay")]
+    assert logged == pytest.approx([0.01, 0.02, 0.03, 0.04])
