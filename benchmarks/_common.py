@@ -12,7 +12,6 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import torch

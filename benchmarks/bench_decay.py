@@ -27,7 +27,8 @@ Rows:
 * ``callback`` rows: the real step path of the callback's engine (``optimizer.step()`` through
   its wrapper, over an optimizer whose own update does nothing: λ out and back in, gradient check,
   step size, decay, and on a logged step the metrics and their one host sync); for ``cautious``
-  also the snapshot it takes before the optimizer's update, in the full step and alone; ``contiguous group`` rows run it over parameters laid out in one buffer by
+  also the snapshot it takes before the optimizer's update, in the full step and alone;
+  ``contiguous group`` rows run it over parameters laid out in one buffer by
   :func:`~lightning_wd.functional.make_contiguous_` (``WDMixin.contiguous_parameters = True``).
 """
 
@@ -96,9 +97,7 @@ def _cases(
         ("relative (params, mean_abs)", {"mode": "relative"}),
         ("L1 (ord=1)", {"ord": 1}),
     ):
-        cases[f"callback {label}, contiguous group"] = EngineHarness(
-            contiguous, weight_decay=WD, lr=LR, **kwargs
-        ).step
+        cases[f"callback {label}, contiguous group"] = EngineHarness(contiguous, weight_decay=WD, lr=LR, **kwargs).step
     # The snapshot alone (taken before the optimizer's update), taken and dropped.
     cases["callback cautious: snapshot alone"] = EngineHarness(
         params, weight_decay=WD, lr=LR, cautious=True

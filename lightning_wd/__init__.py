@@ -35,6 +35,7 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
 
+
 # Rules saved with a module's hyper-parameters (`save_hyperparameters()` with a `decay_rules` argument)
 # must load under `torch.load(weights_only=True)`, Lightning's default: the rule class (validated again
 # on unpickling) and the preset predicates (pure functions) are safe to allow.

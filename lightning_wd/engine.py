@@ -289,7 +289,8 @@ def _layout(group: str, p: Tensor) -> F._Layout:
             "Weight decay is applied to each process's local shard of a sharded parameter, which is exact for Shard"
             f" and Replicate placements only, but a parameter of group {group!r} is a DTensor with placements"
             f" {tuple(getattr(p, 'placements', ()))}. Shard or replicate it (FSDP2's `fully_shard`, or"
-            " `distribute_tensor` with Shard/Replicate placements), or leave that group's weight decay to the optimizer."
+            " `distribute_tensor` with Shard/Replicate placements), or leave that group's weight decay to the"
+            " optimizer."
         ) from None
 
 
@@ -906,7 +907,9 @@ def check_engine_state(state: Any, argument: str) -> tuple[int, int | None]:
     return steps, total
 
 
-def _resolve_schedule(schedule: Callable[[int], float] | None, total_steps: int | None) -> Callable[[int], float] | None:
+def _resolve_schedule(
+    schedule: Callable[[int], float] | None, total_steps: int | None
+) -> Callable[[int], float] | None:
     """The schedule with its length filled in where it asks for one (``Cosine(total_steps=None)``)."""
     with_total = getattr(schedule, "with_total_steps", None)
     if schedule is None or with_total is None or getattr(schedule, "total_steps", 0) is not None:

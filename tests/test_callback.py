@@ -144,6 +144,7 @@ def test_lambda_stays_in_each_group_where_learning_rate_monitor_reads_it(tmp_pat
     logged = [float(r["lr-AdamW/decay-weight_decay"]) for r in rows if r.get("lr-AdamW/decay-weight_decay")]
     assert logged == [WD] * 3
 
+
 def test_parameters_without_grad_are_not_decayed(tmp_path):
     class Partial(WDNet):
         def training_step(self, batch, batch_idx):

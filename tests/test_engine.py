@@ -147,7 +147,7 @@ def test_schedule_multiplies_lambda_and_cosine_needs_a_length():
     run_engine(net, data, schedule=cos, total_steps=4)
     for n, p in net.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
-    with pytest.raises(ValueError, match="`schedule`.*total_steps="):
+    with pytest.raises(ValueError, match=r"`schedule`.*total_steps="):
         lwd.WeightDecay(torch.optim.SGD(model().parameters(), lr=LR), schedule=cos)
 
 
@@ -307,7 +307,7 @@ def test_wrappers_of_lightning_and_fabric_are_unwrapped():
 
     opt = torch.optim.SGD(model().parameters(), lr=LR)
     assert lwd.WeightDecay(LightningOptimizer(opt)).optimizer is opt
-    with pytest.raises(TypeError, match="`optimizer` must be a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"`optimizer` must be a torch\.optim\.Optimizer"):
         lwd.WeightDecay(torch.optim.lr_scheduler.StepLR(opt, 1))
 
 
@@ -333,7 +333,9 @@ def test_metrics_are_measured_when_called():
     norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in after))
     assert m["decay/param_norm"] == pytest.approx(norm, rel=1e-6)
     assert m["decay/weight_decay"] == WD and m["decay/timescale"] == pytest.approx(1 / (LR * WD))
-    update = math.sqrt(sum(float((a.detach() / (1 - LR * WD) - b).double().pow(2).sum()) for a, b in zip(after, before)))
+    update = math.sqrt(
+        sum(float((a.detach() / (1 - LR * WD) - b).double().pow(2).sum()) for a, b in zip(after, before, strict=True))
+    )
     assert m["decay/update_norm"] == pytest.approx(update, rel=1e-4)
     grads = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in after))
     assert m["decay/grad_norm"] == pytest.approx(grads, rel=1e-6)

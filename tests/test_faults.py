@@ -19,8 +19,8 @@ References are written here from the documented formulas (``tests.callback_helpe
 from __future__ import annotations
 
 import math
-import warnings
 import shutil
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
