@@ -467,14 +467,14 @@ for kwargs, match in [
 for value in (3, "cosine", [schedules.Constant()]):
     case("WeightDecayCallback", "schedule", CB, dict(schedule=value), TypeError, "callable step -> multiplier.*Cosine")
 for callbacks, model, data, error, argument, match in [
-    ([CB()], PlainNet, None, MisconfigurationException, "rules", "not built by `lwd.WDMixin`. Pass `rules=`"),
+    ([CB()], PlainNet, None, MisconfigurationException, "rules", "built from raw parameters.*Pass `rules=`.*build_param_groups"),
     (
         [CB(rules=presets.standard(0.1))],
         Fresh(PlainNet, weight_decay=0.01),
         None,
         MisconfigurationException,
         "weight_decay",
-        "decayed twice. Set weight_decay=0.0 for that group",
+        "decayed twice.*build_param_groups.*give that group weight_decay=0.0",
     ),
     ([CB(mode="lr_ratio")], ZeroLrNet, None, MisconfigurationException, "mode", "starts at lr=0.*use mode='decoupled'"),
     ([CB(schedule=negative)], WDNet, None, MisconfigurationException, "schedule", "returned float -1.0. Fix the sched"),
