@@ -435,7 +435,10 @@ class WeightDecay:
                     " the optimizer's groups with lwd.build_param_groups(model, rules) and give no rules."
                 )
         if module is not None and not isinstance(module, nn.Module):
-            raise TypeError(f"`module` must be a torch.nn.Module or None, got {type(module).__name__} {module!r}.")
+            raise TypeError(
+                f"`module` must be a torch.nn.Module or None, got {type(module).__name__} {module!r}. Pass the model"
+                " whose parameters the optimizer holds."
+            )
         if plan_options is not None:
             _check_plan_options(plan_options, "`plan_options`")
         if total_steps is not None and (

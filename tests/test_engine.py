@@ -378,3 +378,80 @@ def test_plain_pytorch_use_does_not_import_lightning():
         "assert not [k for k in sys.modules if k == 'lightning' or k.startswith('lightning.')], 'imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------- bad input: named, with the fix, nothing touched
+def _sgd() -> torch.optim.Optimizer:
+    return torch.optim.SGD(lwd.build_param_groups(model(), lwd.presets.standard(WD)), lr=LR)
+
+
+def _bad_group() -> torch.optim.Optimizer:
+    opt = _sgd()
+    opt.param_groups[1]["weight_decay"] = "0.1"
+    return opt
+
+
+def _lr0() -> torch.optim.Optimizer:
+    opt = _sgd()
+    opt.param_groups[1]["lr"] = 0.0
+    return opt
+
+
+ENGINE_ROWS = [
+    ("optimizer", dict(optimizer=[1]), TypeError, "Pass the optimizer itself"),
+    ("optimizer", dict(optimizer=_bad_group), ValueError, r"'0.1'.*Set it to a float"),
+    ("optimizer", dict(optimizer=_lr0, mode="lr_ratio"), ValueError, "`mode`='lr_ratio'.*Start the group"),
+    ("mode", dict(mode="adamw"), ValueError, "use any of the following: 'decoupled'"),
+    ("rules", dict(rules="standard"), TypeError, r"Pass for example lwd\.presets\.standard"),
+    ("rules", dict(rules=lwd.presets.standard(WD)), ValueError, r"pass `module=model`"),
+    ("module", dict(module=3), TypeError, "Pass the model"),
+    ("plan_options", dict(plan_options={"bogus": 1}), TypeError, "use any of the following"),
+    ("ord", dict(ord=3), ValueError, "use any of the following: 1, 2"),
+    ("cautious", dict(cautious="yes"), TypeError, "Pass a bool"),
+    ("source", dict(mode="relative", source="loss"), ValueError, "use any of the following"),
+    ("source", dict(source="grad"), ValueError, "Use mode='relative' or drop them"),
+    ("metric", dict(mode="relative", metric="l2"), ValueError, "use any of the following"),
+    ("schedule", dict(schedule=0.5), TypeError, r"for example\s+lwd\.schedules\.Cosine"),
+    ("schedule", dict(schedule=lambda t: -1.0), ValueError, "Fix the schedule"),
+    ("schedule", dict(schedule=schedules.Cosine()), ValueError, "pass `total_steps=`"),
+    ("total_steps", dict(total_steps=0), ValueError, "Pass for example total_steps="),
+    ("track_updates", dict(track_updates=1), TypeError, "Pass a bool"),
+]
+
+
+@pytest.mark.parametrize(("argument", "kwargs", "error", "match"), ENGINE_ROWS)
+def test_bad_engine_arguments_are_refused_by_name_and_leave_the_optimizer_as_it_was(argument, kwargs, error, match):
+    kwargs = dict(kwargs)
+    opt = kwargs.pop("optimizer", _sgd)
+    opt = opt() if callable(opt) else opt
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in getattr(opt, "param_groups", [])])
+    with pytest.raises(error, match=match) as info:
+        lwd.WeightDecay(opt, **kwargs)
+    assert f"`{argument}" in str(info.value) or argument == "optimizer", str(info.value)
+    if isinstance(opt, torch.optim.Optimizer):
+        assert "step" not in opt.__dict__  # not attached
+        assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+
+
+def test_every_engine_argument_has_a_row():
+    import inspect
+
+    public = {n for n in inspect.signature(lwd.WeightDecay).parameters if not n.startswith("_")}
+    assert public == {row[0] for row in ENGINE_ROWS}
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda e: e.metrics(grad_norm="yes"), TypeError, "`grad_norm` must be True or False"),
+        (lambda e: e.metrics(param_norm=None), TypeError, "`param_norm` must be True or False"),
+        (lambda e: e.load_state_dict({"version": 2, "steps": 1.5}), TypeError, r"`state_dict\['steps'\]`"),
+        (lambda e: e.load_state_dict({"version": 2, "total_steps": 0}), TypeError, r"`state_dict\['total_steps'\]`"),
+        (lambda e: e.load_state_dict({"version": 1, "steps": [3]}), ValueError, "not written by WeightDecay"),
+    ],
+)
+def test_bad_method_arguments_are_refused_and_change_nothing(call, error, match):
+    engine = lwd.WeightDecay(_sgd())
+    with pytest.raises(error, match=match):
+        call(engine)
+    assert engine.steps == 0 and engine.attached

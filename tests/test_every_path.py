@@ -238,3 +238,25 @@ def test_the_logged_weight_decay_follows_a_schedule_written_as_a_callback(tmp_pa
     rows = list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").open()))
     logged = [float(r["wd/decay/weight_decay"]) for r in rows if r.get("wd/decay/weight_decay")]
     assert logged == pytest.approx([0.01, 0.02, 0.03, 0.04])
+
+
+@pytest.mark.parametrize(
+    ("state", "error", "match"),
+    [
+        ([1], TypeError, r"`state_dict` must be a dict.*Pass what state_dict\(\) returned"),
+        ({"version": 7}, ValueError, r"`state_dict` was not written by WeightDecayCallback.*Pass"),
+        ({"version": 1, "steps": 3}, TypeError, r"`state_dict\['steps'\]` must be a list"),
+        (
+            {"version": 2, "engines": [{"version": 2, "steps": -1}]},
+            TypeError,
+            r"`state_dict\['engines'\]\[0\]\['steps'\]`",
+        ),
+    ],
+)
+def test_the_callbacks_load_state_dict_refuses_what_it_did_not_write(state, error, match):
+    cb = lwd.WeightDecayCallback()
+    with pytest.raises(error, match=match):
+        cb.load_state_dict(state)
+    assert cb.state_dict() == {"version": 2, "engines": []}  # nothing half-loaded
+    cb.load_state_dict({"version": 1, "steps": [4], "total_steps": None})  # what older releases wrote
+    assert cb.state_dict()["engines"] == [{"version": 2, "steps": 4, "total_steps": None}]
