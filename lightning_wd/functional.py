@@ -2,12 +2,19 @@
 
 Every function takes a list of tensors and works with ``torch._foreach_*`` kernels, so a
 whole parameter group costs a handful of kernel launches whatever its number of
-tensors. Lists mixing devices or dtypes are correct but slower: callers that run every
-step split them once with :func:`group_by_device_and_dtype` and keep the pieces.
+tensors. Lists mixing devices or dtypes are correct but slower (and :func:`apply_decay_` with a
+tensor step needs one device): callers that run every step split them once with
+:func:`group_by_device_and_dtype` and keep the pieces.
 
 A step size may be a Python number or a 0-dim tensor (for example one that depends on
 a norm computed on the device, or on an AMP scaler's ``found_inf``): neither forces a
 host synchronisation. All in-place functions end in ``_`` and run under ``no_grad``.
+
+Every public function checks its arguments before it touches a tensor, and an in-place one
+that refuses its input leaves every tensor as it was. The checks look at classes, dtypes,
+devices and shapes (one C-speed pass over the list, never over the elements): a Python step
+must be a finite number >= 0, while a tensor step is used as given, because checking its
+value would need a host synchronisation.
 
 Sharded tensors (``DTensor``, as FSDP2's ``fully_shard`` and tensor parallelism make them):
 
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
 from operator import attrgetter, is_
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeGuard
@@ -82,9 +89,108 @@ _STRIDED_SHARD: tuple[type, ...] = tuple(
 #: the mesh dimensions its elements are sharded over.
 _Layout: TypeAlias = "tuple[DeviceMesh, tuple[int, ...]] | None"
 
+#: The tensor classes almost every list holds (the rest are checked with ``issubclass``).
+_PLAIN_CLASSES = frozenset({Tensor, torch.nn.Parameter})
+_dtype_of = attrgetter("dtype")
+_device_of = attrgetter("device")
+_shape_of = attrgetter("shape")
+
+
+#: What to pass, by argument, in a message refusing a list.
+_EXAMPLES = {"mask": "one 0/1 tensor per tensor, such as `cautious_mask(after, before)`"}
+
+
+def _tensor_list(tensors: Any, argument: str = "tensors") -> list[Tensor]:
+    """``tensors`` as a list, or a TypeError naming ``argument`` unless it is a list (any iterable) of tensors.
+
+    The entries are checked by class, one C-speed pass (``set(map(type, ...))``), not a Python loop.
+    """
+    example = _EXAMPLES.get(argument, "`list(model.parameters())`")
+    if isinstance(tensors, (Tensor, str, bytes, Mapping)) or not isinstance(tensors, Iterable):
+        hint = " (one tensor: wrap it in a list, `[t]`)" if isinstance(tensors, Tensor) else ""
+        raise TypeError(
+            f"`{argument}` must be a list of tensors, got {type(tensors).__name__}{hint}. Pass for example {example}."
+        )
+    out = tensors if type(tensors) is list else list(tensors)
+    classes = set(map(type, out))
+    if not classes <= _PLAIN_CLASSES and not all(issubclass(c, Tensor) for c in classes):
+        i, bad = next((i, t) for i, t in enumerate(out) if not isinstance(t, Tensor))
+        raise TypeError(
+            f"`{argument}` must be a list of tensors, but `{argument}[{i}]` is {type(bad).__name__} {bad!r:.80}."
+            f" Pass tensors only, for example {example}."
+        )
+    return out
+
+
+def _float_dtypes(tensors: list[Tensor], argument: str = "tensors") -> set[torch.dtype]:
+    """The dtypes of ``tensors`` (one C-speed pass); a TypeError naming ``argument`` unless all are floating point."""
+    dtypes = set(map(_dtype_of, tensors))
+    if not all(d.is_floating_point for d in dtypes):
+        bad = next(d for d in dtypes if not d.is_floating_point)
+        i = next(i for i, t in enumerate(tensors) if t.dtype == bad)
+        raise TypeError(
+            f"`{argument}` must hold floating-point tensors, but `{argument}[{i}]` has dtype {bad}, which a decay"
+            " step cannot scale in place. Pass only floating-point tensors, for example"
+            " `[p for p in params if p.is_floating_point()]`."
+        )
+    return dtypes
+
+
+def _check_step(step: Any) -> None:
+    """Refuse a step that is neither a finite Python number >= 0 nor a 0-dim floating-point tensor.
+
+    A tensor step's value is not checked: that would need a host synchronisation.
+    """
+    cls = type(step)
+    if cls is float or cls is int:  # the common case first
+        if 0 <= step < math.inf:
+            return
+    elif isinstance(step, Tensor):
+        if step.dim() != 0:
+            raise ValueError(
+                f"`step` must be a number or a 0-dim tensor, got a tensor of shape {tuple(step.shape)}. Pass one"
+                " step size for the whole list, for example `step.reshape(())` or a Python float."
+            )
+        if not step.is_floating_point():
+            raise TypeError(
+                f"`step` must be a number or a 0-dim floating-point tensor, got a tensor of dtype {step.dtype}."
+                " Pass a floating-point step, for example `step.float()`."
+            )
+        return
+    elif isinstance(step, bool) or not isinstance(step, (int, float)):
+        raise TypeError(
+            f"`step` must be a number >= 0 or a 0-dim floating-point tensor, got {cls.__name__} {step!r:.80}."
+            " Pass the step size η·λ as a float, for example step=1e-4 (lr 1e-3 times weight decay 0.1)."
+        )
+    elif 0 <= step < math.inf:
+        return
+    raise ValueError(
+        f"`step` must be a finite number >= 0, got {step!r} (a negative step grows the tensors, a NaN or"
+        " infinite one destroys them). Pass the step size η·λ, for example step=1e-4 (lr 1e-3 times weight"
+        " decay 0.1), or 0.0 for no decay."
+    )
+
+
+def _check_numel(numel: Any) -> None:
+    if numel is None or (type(numel) is int and numel >= 0):
+        return
+    if isinstance(numel, bool) or not isinstance(numel, int):
+        raise TypeError(
+            f"`numel` must be None or an int >= 0, got {type(numel).__name__} {numel!r:.80}. Pass the total element"
+            " count, for example `sum(t.numel() for t in tensors)`, or None to have it counted."
+        )
+    if numel < 0:
+        raise ValueError(
+            f"`numel` must be an int >= 0, got {numel}. Pass the total element count, for example"
+            " `sum(t.numel() for t in tensors)`, or None to have it counted."
+        )
+
 
 def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
     """Split ``tensors`` into lists of one device and dtype each, keeping their order.
+
+    Raises:
+        TypeError: if ``tensors`` is not a list of tensors.
 
     Example::
 
@@ -93,7 +199,7 @@ def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
         [[2, 3], [2]]
     """
     buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for t in tensors:
+    for t in _tensor_list(tensors):
         buckets.setdefault((t.device, t.dtype), []).append(t)
     return list(buckets.values())
 
@@ -121,6 +227,7 @@ def make_contiguous_(tensors: Sequence[Tensor]) -> Tensor:
         The 1-D buffer holding them all.
 
     Raises:
+        TypeError: if ``tensors`` is not a list of tensors.
         ValueError: if ``tensors`` is empty, mixes devices or dtypes, holds a tensor twice, or holds a
             tensor subclass such as a DTensor (whose storage is a shard).
 
@@ -137,7 +244,7 @@ def make_contiguous_(tensors: Sequence[Tensor]) -> Tensor:
         tensor([[0.5000, 0.5000],
                 [0.5000, 0.5000]], requires_grad=True)
     """
-    tensors = list(tensors)
+    tensors = _tensor_list(tensors)
     if not tensors:
         raise ValueError("`tensors` is empty; give the parameters to lay out in one buffer.")
     if len(group_by_device_and_dtype(tensors)) > 1:
@@ -175,6 +282,9 @@ def flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
     since); the view shares their memory, so an elementwise in-place operation on it updates
     them all at once.
 
+    Raises:
+        TypeError: if ``tensors`` is not a list of tensors.
+
     Example::
 
         >>> buffer = torch.arange(6.0)
@@ -184,6 +294,7 @@ def flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
         >>> flat_view([b, a]) is None, flat_view([a]) is None
         (True, False)
     """
+    tensors = _tensor_list(tensors)
     if not tensors:
         return None
     first = tensors[0]
@@ -211,12 +322,11 @@ def _on(step: Step, device: torch.device) -> Step:
     return step.to(device, non_blocking=True) if isinstance(step, Tensor) else step
 
 
-_dtype_of = attrgetter("dtype")
 #: Dtypes for which a 0-dim factor of the same dtype multiplies exactly as a Python number does.
 _EXACT_FACTOR_DTYPES = (torch.float32, torch.float64)
 
 
-def _factor(value: float, tensors: list[Tensor]) -> Step:
+def _factor(value: float, tensors: list[Tensor], dtypes: set[torch.dtype] | None = None) -> Step:
     """``value`` as a 0-dim tensor where that multiplies ``tensors`` faster, else ``value`` itself.
 
     On CPU, ``torch._foreach_mul*`` with a Python number wraps it into a new tensor for every
@@ -224,15 +334,16 @@ def _factor(value: float, tensors: list[Tensor]) -> Step:
     list's own dtype is passed as it is, and gives bit-identical results for float32 and float64
     (the number is rounded to that dtype either way). Everywhere else (other devices, reduced
     precisions, which compute with a Python number in float32, mixed dtypes, tensor subclasses)
-    the number is kept.
+    the number is kept. ``dtypes``, the set of the tensors' dtypes where the caller has it, saves a
+    pass over the list.
     """
     first = tensors[0]
     dtype = first.dtype
     if (
         first.is_cpu
         and dtype in _EXACT_FACTOR_DTYPES
-        and type(first) in (Tensor, torch.nn.Parameter)
-        and all(map(is_, map(_dtype_of, tensors), repeat(dtype)))
+        and type(first) in _PLAIN_CLASSES
+        and (len(dtypes) == 1 if dtypes is not None else all(map(is_, map(_dtype_of, tensors), repeat(dtype))))
     ):
         return torch.scalar_tensor(value, dtype=dtype)
     return value
@@ -248,6 +359,45 @@ def _add_(tensors: list[Tensor], value: float) -> None:
         torch._foreach_add_(tensors, [addend] * len(tensors))
     else:
         torch._foreach_add_(tensors, addend)
+
+
+def _check_decay_ord(ord: Any) -> None:
+    if type(ord) is not int or ord not in (1, 2):
+        raise ValueError(
+            f"`ord` must be 1 (L1 soft threshold) or 2 (multiplicative decay), got {type(ord).__name__} {ord!r:.80};"
+            " use any of the following: 1, 2."
+        )
+
+
+def _check_mask(mask: Any, tensors: list[Tensor], devices: set[torch.device]) -> list[Tensor]:
+    """``mask`` as a list: one non-complex tensor per tensor, of its shape and on its device.
+
+    Adds the tensors' devices to ``devices`` on the way.
+    """
+    masks = _tensor_list(mask, "mask")
+    if len(masks) != len(tensors):
+        raise ValueError(
+            f"`mask` has {len(masks)} tensors for {len(tensors)} tensors; give one mask per tensor, in the same order"
+            " (for example `cautious_mask(after, before)` of the same list)."
+        )
+    for i, (m, t) in enumerate(zip(masks, tensors, strict=True)):
+        if m.shape != t.shape:
+            raise ValueError(
+                f"`mask[{i}]` has shape {tuple(m.shape)} for a tensor of shape {tuple(t.shape)}; give each mask the"
+                " shape of its tensor, in the same order as `tensors`."
+            )
+        device = t.device
+        devices.add(device)
+        if m.device != device:
+            raise ValueError(
+                f"`mask[{i}]` is on {m.device} for a tensor on {t.device}; put each mask on its tensor's device,"
+                f" for example `m.to({str(t.device)!r})`."
+            )
+        if m.is_complex():
+            raise TypeError(
+                f"`mask[{i}]` has dtype {m.dtype}; a mask holds 0 and 1. Pass a floating-point, integer or bool mask."
+            )
+    return masks
 
 
 @torch.no_grad()
@@ -267,14 +417,26 @@ def apply_decay_(
     With ``mask`` (tensors of 0/1 shaped like ``tensors``), only the coordinates where the
     mask is 1 are decayed; the others are left exactly as they are.
 
+    Every argument is checked before any tensor is touched: a refused call leaves them all as
+    they were. The checks cost one C-speed pass over the list's classes and dtypes (and, for a
+    tensor step, devices); a mask is checked tensor by tensor.
+
     Args:
-        tensors: Tensors to decay, modified in place (ideally one device and dtype).
-        step: Step size ``η·λ`` (or ``λ`` for lr-independent decay); a number or a 0-dim tensor.
+        tensors: Floating-point tensors to decay, modified in place (ideally one device and dtype;
+            with a tensor ``step``, one device).
+        step: Step size ``η·λ`` (or ``λ`` for lr-independent decay): a finite Python number >= 0,
+            or a 0-dim floating-point tensor, which is used as given (its value is not checked:
+            that would need a host synchronisation). With ``ord=2`` a step above 1 flips signs.
         ord: 2 for the multiplicative (L2) decay, 1 for the L1 soft threshold.
-        mask: Optional 0/1 tensors selecting the coordinates to decay.
+        mask: Optional 0/1 tensors selecting the coordinates to decay, one per tensor, each of its
+            tensor's shape and device.
 
     Raises:
-        ValueError: if ``ord`` is not 1 or 2, or ``mask`` does not have one tensor per tensor.
+        TypeError: if ``tensors`` or ``mask`` is not a list of tensors, a tensor is not floating point,
+            a mask is complex, or ``step`` is neither a number (bool excluded) nor a floating-point tensor.
+        ValueError: if ``step`` is a negative, NaN or infinite number or a tensor of more than 0
+            dimensions, ``ord`` is not 1 or 2, ``mask`` does not have one tensor per tensor of the same
+            shape and device, or a tensor ``step`` comes with tensors on several devices.
 
     Example::
 
@@ -285,14 +447,44 @@ def apply_decay_(
         >>> apply_decay_(p, 0.1, ord=1)
         >>> p
         [tensor([ 0.8000, -1.7000]), tensor([0.])]
+        >>> apply_decay_(p, -0.1)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: `step` must be a finite number >= 0, got -0.1 (a negative step grows the tensors, ...
+        >>> p  # a refused call changes nothing
+        [tensor([ 0.8000, -1.7000]), tensor([0.])]
     """
-    if ord not in (1, 2):
-        raise ValueError(f"`ord` must be 1 (L1 soft threshold) or 2 (multiplicative decay), got {ord!r}.")
+    tensors = _tensor_list(tensors)
+    _check_step(step)
+    _check_decay_ord(ord)
+    devices: set[torch.device] = set()
+    masks = None if mask is None else _check_mask(mask, tensors, devices)
     if not tensors:
         return
-    tensors = list(tensors)
-    if mask is not None and len(mask) != len(tensors):
-        raise ValueError(f"`mask` has {len(mask)} tensors for {len(tensors)} tensors; give one mask per tensor.")
+    dtypes = _float_dtypes(tensors)
+    if isinstance(step, Tensor) and not tensors[0].is_cpu:
+        # The step is moved to the first tensor's device, which other devices cannot read; a first
+        # tensor on the CPU keeps it there, where tensors on any device can.
+        if masks is None:
+            devices = set(map(_device_of, tensors))
+        if len(devices) > 1:
+            raise ValueError(
+                f"`tensors` spans devices {sorted(map(str, devices))}, but a tensor `step` lives on one. Split the"
+                " list with `group_by_device_and_dtype(tensors)` and decay each part, or pass a Python number."
+            )
+    _apply_decay_(tensors, step, ord, masks, dtypes)
+
+
+def _apply_decay_(
+    tensors: list[Tensor],
+    step: Step,
+    ord: int,
+    mask: list[Tensor] | None,
+    dtypes: set[torch.dtype] | None = None,
+) -> None:
+    """:func:`apply_decay_` without its checks, for callers that have checked their lists once (call under no_grad)."""
+    if not tensors:
+        return
     step = _on(step, tensors[0].device)
 
     if ord == 2:
@@ -300,10 +492,9 @@ def apply_decay_(
             if isinstance(step, Tensor):
                 torch._foreach_mul_(tensors, 1 - step)
             else:
-                torch._foreach_mul_(tensors, _factor(1.0 - step, tensors))
+                torch._foreach_mul_(tensors, _factor(1.0 - step, tensors, dtypes))
             return
         # p <- p * (1 - step * m), as 1 + m * (-step): the same bits as -(m * step) + 1, one pass fewer
-        mask = list(mask)
         factor = list(torch._foreach_mul(mask, -step if isinstance(step, Tensor) else _factor(-step, mask)))
         _add_(factor, 1.0)
         torch._foreach_mul_(tensors, factor)
@@ -324,7 +515,7 @@ def apply_decay_(
     signs = torch._foreach_sign(tensors)
     torch._foreach_mul_(shrunk, signs)
     torch._foreach_sub_(shrunk, tensors)
-    torch._foreach_mul_(shrunk, list(mask))
+    torch._foreach_mul_(shrunk, mask)
     torch._foreach_add_(tensors, shrunk)
 
 
@@ -342,6 +533,10 @@ def cautious_mask(after: Sequence[Tensor], before: Sequence[Tensor]) -> list[Ten
     Returns:
         New 0/1 tensors shaped and typed like ``after``.
 
+    Raises:
+        TypeError: if ``after`` or ``before`` is not a list of tensors.
+        ValueError: if ``before`` does not have one tensor of the same shape per tensor of ``after``.
+
     Example::
 
         >>> before = [torch.tensor([1.0, 1.0, -1.0, -1.0])]
@@ -349,8 +544,26 @@ def cautious_mask(after: Sequence[Tensor], before: Sequence[Tensor]) -> list[Ten
         >>> cautious_mask(after, before)
         [tensor([1., 0., 1., 0.])]
     """
-    delta = list(torch._foreach_sub(list(after), list(before)))
-    torch._foreach_mul_(delta, list(before))
+    after, before = _tensor_list(after, "after"), _tensor_list(before, "before")
+    if len(before) != len(after):
+        raise ValueError(
+            f"`before` has {len(before)} tensors for {len(after)} tensors in `after`; give the same parameters, in"
+            " the same order, as they were before the optimizer step (for example `[p.detach().clone() for p in"
+            " params]` taken just before it)."
+        )
+    if list(map(_shape_of, after)) != list(map(_shape_of, before)):  # (foreach ops would broadcast)
+        i, a, b = next((i, a, b) for i, (a, b) in enumerate(zip(after, before, strict=True)) if a.shape != b.shape)
+        raise ValueError(
+            f"`before[{i}]` has shape {tuple(b.shape)} but `after[{i}]` has shape {tuple(a.shape)}; give the same"
+            " parameters, in the same order, as they were before the optimizer step."
+        )
+    return _cautious_mask(after, before)
+
+
+def _cautious_mask(after: list[Tensor], before: list[Tensor]) -> list[Tensor]:
+    """:func:`cautious_mask` without its checks, for callers that have checked their lists (call under no_grad)."""
+    delta = list(torch._foreach_sub(after, before))
+    torch._foreach_mul_(delta, before)
     torch._foreach_sign_(delta)
     torch._foreach_neg_(delta)
     torch._foreach_clamp_min_(delta, 0.0)
@@ -513,6 +726,7 @@ def global_norm(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
             ``math.inf`` largest absolute value).
 
     Raises:
+        TypeError: if ``tensors`` is not a list of tensors.
         ValueError: if ``tensors`` is empty, ``ord`` is not a number > 0, or a DTensor has a placement
             other than Shard, Replicate and Partial.
 
@@ -523,8 +737,9 @@ def global_norm(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
         >>> global_norm([torch.tensor([3.0], dtype=torch.float64), torch.tensor([-4.0])], ord=1.0)
         tensor(7.)
     """
+    tensors = _tensor_list(tensors)
     if not tensors:
-        raise ValueError("`tensors` is empty; a norm needs at least one tensor.")
+        raise ValueError("`tensors` is empty; a norm needs at least one tensor. Pass at least one tensor.")
     _check_ord(ord)
     return _global_norm(*_split(tensors), ord)
 
@@ -541,19 +756,23 @@ def mean_abs(tensors: Sequence[Tensor], numel: int | None = None) -> Tensor:
 
     Args:
         tensors: The tensors (at least one): plain tensors and DTensors, float64 included.
-        numel: Total element count, of the whole tensors, if known (saves a Python pass over the list).
+        numel: Total element count (an int >= 0), of the whole tensors, if known (saves a Python pass
+            over the list).
 
     Raises:
-        ValueError: if ``tensors`` is empty, or a DTensor has a placement other than Shard, Replicate and
-            Partial.
+        TypeError: if ``tensors`` is not a list of tensors, or ``numel`` is not None or an int (bool excluded).
+        ValueError: if ``tensors`` is empty, ``numel`` is negative, or a DTensor has a placement other than
+            Shard, Replicate and Partial.
 
     Example::
 
         >>> mean_abs([torch.tensor([1.0, -3.0]), torch.tensor([2.0])])
         tensor(2.)
     """
+    tensors = _tensor_list(tensors)
     if not tensors:
-        raise ValueError("`tensors` is empty; a mean needs at least one tensor.")
+        raise ValueError("`tensors` is empty; a mean needs at least one tensor. Pass at least one tensor.")
+    _check_numel(numel)
     return _mean_abs(*_split(tensors), numel if numel is not None else _numel(tensors))
 
 
@@ -565,17 +784,21 @@ def rms(tensors: Sequence[Tensor], numel: int | None = None) -> Tensor:
 
     Args:
         tensors: The tensors (at least one): plain tensors and DTensors, float64 included.
-        numel: Total element count, of the whole tensors, if known (saves a Python pass over the list).
+        numel: Total element count (an int >= 0), of the whole tensors, if known (saves a Python pass
+            over the list).
 
     Raises:
-        ValueError: if ``tensors`` is empty, or a DTensor has a placement other than Shard, Replicate and
-            Partial.
+        TypeError: if ``tensors`` is not a list of tensors, or ``numel`` is not None or an int (bool excluded).
+        ValueError: if ``tensors`` is empty, ``numel`` is negative, or a DTensor has a placement other than
+            Shard, Replicate and Partial.
 
     Example::
 
         >>> rms([torch.tensor([3.0]), torch.tensor([-4.0, 0.0, 0.0])])
         tensor(2.5000)
     """
+    tensors = _tensor_list(tensors)
     if not tensors:
-        raise ValueError("`tensors` is empty; a mean needs at least one tensor.")
+        raise ValueError("`tensors` is empty; a mean needs at least one tensor. Pass at least one tensor.")
+    _check_numel(numel)
     return _rms(*_split(tensors), numel if numel is not None else _numel(tensors))

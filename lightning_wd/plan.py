@@ -7,17 +7,24 @@ prefixes (``_orig_mod.``, DDP's ``module.``, ``_fsdp_wrapped_module.``,
 ``x.parametrizations.weight.original`` is named ``x.weight`` and owned by ``x``.
 Parameters are identified by ``id``; a parameter belongs to the first rule, in list
 order, that matches any of its aliases.
+
+A rule's ``lr_scale`` reaches the optimizer exactly once: :meth:`DecayPlan.param_groups` writes
+the absolute ``lr`` (base lr times scale) into each scaled group and never an ``lr_scale`` key,
+which timm's schedulers would multiply in a second time; a caller that applies the scale itself
+asks for it under a key of its own (``lr_scale_key=``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import gc
 import math
 import re
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -543,18 +550,56 @@ class DecayPlan:
         return cls(rules_t, tuple(groups), unclaimed, frozen, records, index)
 
     # ------------------------------------------------------------------ views
-    def param_groups(self, lr: float | None = None) -> list[dict[str, Any]]:
+    def param_groups(self, lr: float | None = None, *, lr_scale_key: str | None = None) -> list[dict[str, Any]]:
         """Torch-ready parameter groups.
 
-        Each dict has ``params``, ``name``, ``weight_decay``, ``param_names`` and ``lr_scale``;
-        ``lr`` (absolute) is added where a rule scales it and ``lr`` is given.
+        Each dict has ``params``, ``name``, ``weight_decay`` and ``param_names``. A group whose rule
+        scales the learning rate (``lr_scale != 1``) gets its absolute ``lr``, ``lr * lr_scale``, so
+        that the scale is applied exactly once: no group carries an ``lr_scale`` key, which timm's
+        schedulers would multiply in again. Other groups set no ``lr`` (the optimizer's applies).
 
         Args:
-            lr: The optimizer's base learning rate, to write absolute per-group ``lr``.
+            lr: The optimizer's base learning rate (a finite number >= 0); needed when a rule scales
+                the learning rate, unless ``lr_scale_key`` is given.
+            lr_scale_key: Write each group's scale under this key instead of an absolute ``lr``, for a
+                caller that applies it itself (and pops the key) once the optimizer has its lr.
 
         Returns:
             A new list of new dicts (safe to hand to an optimizer).
+
+        Raises:
+            TypeError: if ``lr`` is not None or a number, or ``lr_scale_key`` not None or a string.
+            ValueError: if ``lr`` is negative or not finite; if ``lr`` is None while a rule scales the
+                learning rate and no ``lr_scale_key`` is given; if ``lr_scale_key`` is empty, names a
+                key the groups already have, or comes with ``lr``.
+
+        Example::
+
+            >>> import torch, lightning_wd as lwd
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+            >>> rules = [lwd.DecayRule("norms", 0.0, modules="*Norm*", lr_scale=0.5), lwd.DecayRule("rest", 0.1)]
+            >>> plan = lwd.DecayPlan.from_module(model, rules)
+            >>> [(g["name"], g.get("lr")) for g in plan.param_groups(lr=0.02)]
+            [('norms', 0.01), ('rest', None)]
+            >>> [g["lwd_lr_scale"] for g in plan.param_groups(lr_scale_key="lwd_lr_scale")]
+            [0.5, 1.0]
+            >>> plan.param_groups()  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+                ...
+            ValueError: `lr` is None, but rule 'norms' scales the learning rate of group 'norms' by 0.5; ...
         """
+        _check_lr(lr)
+        _check_lr_scale_key(lr_scale_key, lr)
+        if lr is None and lr_scale_key is None:
+            scaled = next((g for g in self.groups if g.lr_scale != 1.0), None)
+            if scaled is not None:
+                one = len(scaled.rules) == 1
+                rules = f"rule {scaled.rules[0]!r} scales" if one else f"rules {list(scaled.rules)} scale"
+                raise ValueError(
+                    f"`lr` is None, but {rules} the learning rate of group {scaled.name!r} by"
+                    f" {scaled.lr_scale:g}; pass the optimizer's base lr, for example lr=3e-4, so that the group"
+                    " gets its absolute lr (or pass lr_scale_key='...' to apply the scale yourself)."
+                )
         out: list[dict[str, Any]] = []
         for g in self.groups:
             group: dict[str, Any] = {
@@ -562,9 +607,10 @@ class DecayPlan:
                 "name": g.name,
                 "weight_decay": g.weight_decay,
                 "param_names": list(g.param_names),
-                "lr_scale": g.lr_scale,
             }
-            if lr is not None and g.lr_scale != 1.0:
+            if lr_scale_key is not None:
+                group[lr_scale_key] = g.lr_scale
+            elif g.lr_scale != 1.0 and lr is not None:  # (lr None with a scaled group was refused above)
                 group["lr"] = lr * g.lr_scale
             out.append(group)
         return out
@@ -572,14 +618,47 @@ class DecayPlan:
     def entry(self, name: str) -> ParamEntry:
         """The entry for a parameter, by any of its canonical aliases (or raw name).
 
+        Args:
+            name: Any canonical name of the parameter, or a raw one (with wrapper prefixes).
+
         Raises:
-            KeyError: if no trainable parameter is reachable under ``name``.
+            TypeError: if ``name`` is not a string.
+            KeyError: if no trainable parameter is reachable under ``name``; the message suggests
+                close matches.
+
+        Example::
+
+            >>> import torch, lightning_wd as lwd
+            >>> plan = lwd.DecayPlan.from_module(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+            >>> plan.entry("0.weight").group
+            'decay'
+            >>> plan.entry("0.wieght")  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+                ...
+            KeyError: "No planned parameter is named '0.wieght'; ... Did you mean '0.weight'? ..."
         """
+        if not isinstance(name, str):
+            raise TypeError(
+                f"`name` must be a parameter's name as a string, got {type(name).__name__} {name!r:.80}. Pass for"
+                " example 'fc.weight' (the names are in `[e.name for e in plan.entries]`)."
+            )
         i = self._find(name)
         if i is not None:
             return self.entries[i]
-        frozen = " It is frozen (requires_grad=False) and so not planned." if name in self.frozen else ""
-        raise KeyError(f"No planned parameter is named {name!r}.{frozen}")
+        raise KeyError(self._unknown(name))
+
+    def _unknown(self, name: str) -> str:
+        """The message for a name no planned parameter has: why, close matches, how to list the names."""
+        if name in self.frozen:
+            why = " It is frozen (requires_grad=False) and so not planned; plan it with include_frozen=True."
+        else:
+            close = difflib.get_close_matches(name, list(self._index), n=3)
+            why = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return (
+            f"No planned parameter is named {name!r}; `name` must be a canonical name or alias of a trainable"
+            f" parameter.{why} List the planned names with `[e.name for e in plan.entries]` (aliases in"
+            " `e.aliases`), or print `plan.table()` for the groups."
+        )
 
     @functools.cached_property
     def _group_of(self) -> dict[int, PlanGroup]:
@@ -598,10 +677,14 @@ class DecayPlan:
         """Say why a parameter lands where it does.
 
         Args:
-            name: Any canonical name of the parameter.
+            name: Any canonical name of the parameter, or a raw one (with wrapper prefixes).
 
         Returns:
             One line: group, decay, the claiming rule, other rules that also match, aliases, shape, owner.
+
+        Raises:
+            TypeError: if ``name`` is not a string.
+            KeyError: as :meth:`entry`, if no trainable parameter is reachable under ``name``.
         """
         e = self.entry(name)
         param, names = self._records[self._index[e.name]][:2]
@@ -703,8 +786,7 @@ def _check_rules(rules: Sequence[DecayRule] | None, argument: str = "rules") -> 
                 f"`{argument}[{i}]` must be a DecayRule, got {type(r).__name__} {r!r}."
                 " Build it with lwd.DecayRule(name, weight_decay, ...)."
             )
-    names = [r.name for r in out]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, count in Counter(r.name for r in out).items() if count > 1)
     if dupes:
         raise PlanError(f"`{argument}` contains duplicate rule names {dupes}. Give every rule a unique `name`.")
     # Rules sharing a group must agree on its settings; say so before any model is seen.
@@ -729,6 +811,43 @@ def _warn(message: str) -> None:
         rank_zero_warn(message, category=UserWarning)
     else:
         warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _check_lr(lr: Any) -> None:
+    """Refuse an ``lr`` that is not None or a finite number >= 0 (bool excluded)."""
+    if lr is None or (type(lr) in (int, float) and math.isfinite(lr) and lr >= 0):
+        return
+    number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+    if number and math.isfinite(lr) and lr >= 0:  # a subclass, such as numpy.float64
+        return
+    raise (ValueError if number else TypeError)(
+        f"`lr` must be None or a finite number >= 0 (the optimizer's base learning rate), got"
+        f" {type(lr).__name__} {lr!r:.80}. Pass the lr you give the optimizer, for example 3e-4."
+    )
+
+
+#: Keys every group of :meth:`DecayPlan.param_groups` has, or may have.
+_GROUP_KEYS = ("lr", "name", "param_names", "params", "weight_decay")
+
+
+def _check_lr_scale_key(key: Any, lr: float | None) -> None:
+    if key is None:
+        return
+    if not isinstance(key, str):
+        raise TypeError(
+            f"`lr_scale_key` must be None or a string, got {type(key).__name__} {key!r:.80}. Pass the group key"
+            " under which to write each group's lr scale, for example 'lwd_lr_scale'."
+        )
+    if not key or key in _GROUP_KEYS:
+        raise ValueError(
+            f"`lr_scale_key` must be a non-empty key the groups do not already have ({', '.join(_GROUP_KEYS)}),"
+            f" got {key!r}. Use a key of your own, for example 'lwd_lr_scale'."
+        )
+    if lr is not None:
+        raise ValueError(
+            f"`lr_scale_key`={key!r} comes with lr={lr}: the scale would reach the optimizer twice (an absolute lr"
+            " and a key). Pass either lr (absolute lr per group) or lr_scale_key (you apply the scale), not both."
+        )
 
 
 #: Keyword options of :meth:`DecayPlan.from_module` that ``build_param_groups`` and ``WDMixin`` pass on.
@@ -795,17 +914,21 @@ def build_param_groups(
     Args:
         module: The model.
         rules: Rules in priority order; None means :func:`lightning_wd.presets.standard`.
-        lr: Base learning rate, to write absolute ``lr`` into groups whose rule scales it.
+        lr: The optimizer's base learning rate (a finite number >= 0), to write the absolute ``lr``
+            into groups whose rule scales it; needed when a rule has ``lr_scale != 1``.
         **options: Passed to :meth:`DecayPlan.from_module` (``include_frozen``, ``strict``,
             ``default_weight_decay``, ``default_group``, ``respect_no_weight_decay``, ``merge``).
 
     Returns:
-        A list of dicts with ``params``, ``name``, ``weight_decay``, ``param_names``, ``lr_scale``
-        (and ``lr`` where a rule scales it and ``lr`` is given).
+        A list of dicts with ``params``, ``name``, ``weight_decay`` and ``param_names``, and the
+        absolute ``lr`` (``lr * lr_scale``) where a rule scales it; never an ``lr_scale`` key (timm's
+        schedulers would apply it a second time). For the scale under a key of your own, use
+        ``DecayPlan.from_module(...).param_groups(lr_scale_key=...)``.
 
     Raises:
-        TypeError: on an unknown option, or a module/rules of the wrong type.
-        ValueError: as :meth:`DecayPlan.from_module`.
+        TypeError: on an unknown option, a module/rules of the wrong type, or an ``lr`` that is not a number.
+        ValueError: as :meth:`DecayPlan.from_module`; on an ``lr`` that is negative or not finite, or
+            None while a rule scales the learning rate.
 
     Example::
 
@@ -817,9 +940,5 @@ def build_param_groups(
         >>> optimizer = torch.optim.AdamW(groups, lr=1e-3)
     """
     _check_plan_options(options, "build_param_groups()")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0):
-        raise (ValueError if isinstance(lr, (int, float)) and not isinstance(lr, bool) else TypeError)(
-            f"`lr` must be None or a finite number >= 0 (the optimizer's base learning rate), got"
-            f" {type(lr).__name__} {lr!r}. Pass the lr you give the optimizer, for example 3e-4."
-        )
+    _check_lr(lr)  # before the plan is built
     return DecayPlan.from_module(module, rules, **options).param_groups(lr=lr)

@@ -7,7 +7,9 @@
 * :func:`uniform` decays everything alike; :func:`none` decays nothing.
 
 The role predicates (:func:`is_embedding`, :func:`is_normalization`, :func:`is_bias`,
-:func:`is_linear_weight`) are public so that custom rule lists can reuse them.
+:func:`is_linear_weight`) are public so that custom rule lists can reuse them. They take a rule
+predicate's arguments, ``(name, param, module)``: the canonical name (a string), the tensor and
+the module holding it; anything else is refused with a TypeError naming the argument.
 """
 
 from __future__ import annotations
@@ -91,11 +93,35 @@ def _class_named(cls: type, pattern: re.Pattern[str]) -> bool:
     return hit
 
 
+def _check_role_args(name: object, param: object, module: object) -> None:
+    """Refuse role-predicate arguments of the wrong types (the common case costs three type tests)."""
+    if type(name) is str and isinstance(param, Tensor) and isinstance(module, nn.Module):
+        return
+    if not isinstance(name, str):
+        raise TypeError(
+            f"`name` must be the parameter's name as a string, got {type(name).__name__} {name!r:.80}. Pass for"
+            " example 'fc.weight' (as `module.named_parameters()` gives it)."
+        )
+    if not isinstance(param, Tensor):
+        raise TypeError(
+            f"`param` must be the parameter tensor, got {type(param).__name__} {param!r:.80}. Pass for example"
+            " `module.weight`, the tensor itself rather than its name or shape."
+        )
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"`module` must be the torch.nn.Module that holds the parameter, got {type(module).__name__}"
+            f" {module!r:.80}. Pass for example the nn.Linear whose `weight` is `param`."
+        )
+
+
 def is_embedding(name: str, param: Tensor, module: nn.Module) -> bool:
     """Whether ``param`` is held by an embedding table (torch's, or any class named like one).
 
     A weight tied between an embedding and an output head is reachable through the
     embedding too, so it matches here under that alias.
+
+    Raises:
+        TypeError: if ``name`` is not a string, ``param`` not a tensor or ``module`` not an ``nn.Module``.
 
     Example::
 
@@ -104,6 +130,11 @@ def is_embedding(name: str, param: Tensor, module: nn.Module) -> bool:
         >>> is_embedding("wte.weight", emb.weight, emb)
         True
     """
+    _check_role_args(name, param, module)
+    return _is_embedding(module)
+
+
+def _is_embedding(module: nn.Module) -> bool:
     if isinstance(module, _TORCH_EMBEDDINGS):
         return True
     if _holds_layer_weight(module):
@@ -113,6 +144,9 @@ def is_embedding(name: str, param: Tensor, module: nn.Module) -> bool:
 
 def is_normalization(name: str, param: Tensor, module: nn.Module) -> bool:
     """Whether ``param`` belongs to a normalization layer, torch's or a custom one (``RMSNorm``, ``LayerNorm2d``...).
+
+    Raises:
+        TypeError: if ``name`` is not a string, ``param`` not a tensor or ``module`` not an ``nn.Module``.
 
     Example::
 
@@ -125,6 +159,11 @@ def is_normalization(name: str, param: Tensor, module: nn.Module) -> bool:
         >>> is_normalization("norm.scale", norm.scale, norm)
         True
     """
+    _check_role_args(name, param, module)
+    return _is_normalization(module)
+
+
+def _is_normalization(module: nn.Module) -> bool:
     if isinstance(module, _TORCH_NORMS):
         return True
     if _holds_layer_weight(module):
@@ -135,13 +174,25 @@ def is_normalization(name: str, param: Tensor, module: nn.Module) -> bool:
 def is_bias(name: str, param: Tensor, module: nn.Module) -> bool:
     """Whether ``param`` is an additive bias (``bias``, ``bias_k``, ``attn_bias``, ``relative_position_bias_table``...).
 
+    Raises:
+        TypeError: if ``name`` is not a string, ``param`` not a tensor or ``module`` not an ``nn.Module``.
+
     Example::
 
         >>> import torch
         >>> lin = torch.nn.Linear(2, 2)
         >>> is_bias("fc.bias", lin.bias, lin), is_bias("fc.weight", lin.weight, lin)
         (True, False)
+        >>> is_bias(lin.bias, "fc.bias", lin)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        TypeError: `name` must be the parameter's name as a string, got Parameter ...
     """
+    _check_role_args(name, param, module)
+    return _is_bias(name)
+
+
+def _is_bias(name: str) -> bool:
     return "bias" in _words(_leaf(name))
 
 
@@ -160,6 +211,9 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
     tensors with fewer than two dimensions, and free-standing tokens, position tables and
     scales are never linear weights.
 
+    Raises:
+        TypeError: if ``name`` is not a string, ``param`` not a tensor or ``module`` not an ``nn.Module``.
+
     Example::
 
         >>> import torch
@@ -174,9 +228,10 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
         >>> is_linear_weight("pos_embed", vit.pos_embed, vit)
         False
     """
+    _check_role_args(name, param, module)
     if param_ndim(param) < 2:
         return False
-    if is_bias(name, param, module) or is_normalization(name, param, module) or is_embedding(name, param, module):
+    if _is_bias(name) or _is_normalization(module) or _is_embedding(module):
         return False
     if _is_weight_norm_magnitude(name, module):
         return False

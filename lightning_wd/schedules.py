@@ -3,7 +3,8 @@
 A schedule is any callable ``(step: int) -> float`` (``step`` counts the optimizer's real
 steps from 0); the classes here are frozen, validated and usable from a LightningCLI
 config. The multiplier is computed on the host once per step (a Python number, no device
-work). ``total_steps=None`` is filled in by :class:`~lightning_wd.WeightDecayCallback` from
+work); a step that is not an int >= 0 is refused (TypeError or ValueError naming ``step``).
+``total_steps=None`` is filled in by :class:`~lightning_wd.WeightDecayCallback` from
 ``trainer.estimated_stepping_batches`` at fit start.
 """
 
@@ -38,6 +39,22 @@ def _check(value: Any, argument: str, *, minimum: float = 0.0, integer: bool = F
         )
 
 
+def _check_step(step: Any) -> None:
+    """Refuse a step that is not an int >= 0 (one type test in the common case)."""
+    if type(step) is int and step >= 0:
+        return
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(
+            f"`step` must be an int (the optimizer steps taken so far, from 0), got {type(step).__name__}"
+            f" {step!r:.80}. Pass for example `trainer.global_step`, or int(step)."
+        )
+    if step < 0:
+        raise ValueError(
+            f"`step` must be an int >= 0 (the optimizer steps taken so far, from 0), got {step}. Pass for example"
+            " `trainer.global_step`, which counts from 0."
+        )
+
+
 @dataclass(frozen=True)
 class Constant:
     """A constant multiplier (1.0 keeps each group's λ as it is).
@@ -54,6 +71,8 @@ class Constant:
         _check(self.value, "value")
 
     def __call__(self, step: int) -> float:
+        """The multiplier at ``step`` (an int >= 0; TypeError or ValueError otherwise)."""
+        _check_step(step)
         return float(self.value)
 
 
@@ -70,6 +89,10 @@ class LinearWarmup:
         >>> s = LinearWarmup(warmup_steps=4)
         >>> [s(i) for i in range(6)]
         [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+        >>> s(-8)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: `step` must be an int >= 0 (the optimizer steps taken so far, from 0), got -8. ...
     """
 
     warmup_steps: int
@@ -80,6 +103,8 @@ class LinearWarmup:
         _check(self.start, "start")
 
     def __call__(self, step: int) -> float:
+        """The multiplier at ``step`` (an int >= 0; TypeError or ValueError otherwise)."""
+        _check_step(step)
         if step >= self.warmup_steps:
             return 1.0
         return self.start + (1.0 - self.start) * step / self.warmup_steps
@@ -119,6 +144,13 @@ class Cosine:
         return self if self.total_steps is not None else replace(self, total_steps=max(int(total_steps), 1))
 
     def __call__(self, step: int) -> float:
+        """The multiplier at ``step`` (an int >= 0; TypeError or ValueError otherwise).
+
+        Raises:
+            ValueError: if ``total_steps`` is still None, or ``step`` is negative.
+            TypeError: if ``step`` is not an int.
+        """
+        _check_step(step)
         if self.total_steps is None:
             raise ValueError(
                 "`Cosine.total_steps` is None. Give it, or let WeightDecayCallback fill it from the trainer."

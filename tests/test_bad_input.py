@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 import lightning_wd as lwd
+from lightning_wd import functional as F
 from lightning_wd import presets, schedules
 from lightning_wd.plan import PlanError
 from tests.callback_helpers import Net, PlainNet, WDNet, loader
@@ -467,7 +468,14 @@ for kwargs, match in [
 for value in (3, "cosine", [schedules.Constant()]):
     case("WeightDecayCallback", "schedule", CB, dict(schedule=value), TypeError, "callable step -> multiplier.*Cosine")
 for callbacks, model, data, error, argument, match in [
-    ([CB()], PlainNet, None, MisconfigurationException, "rules", "built from raw parameters.*Pass `rules=`.*build_param_groups"),
+    (
+        [CB()],
+        PlainNet,
+        None,
+        MisconfigurationException,
+        "rules",
+        "built from raw parameters.*Pass `rules=`.*build_param_groups",
+    ),
     (
         [CB(rules=presets.standard(0.1))],
         Fresh(PlainNet, weight_decay=0.01),
@@ -533,6 +541,236 @@ for value, error, match in [
     case("schedules.Cosine", "total_steps", schedules.Cosine, dict(total_steps=value), error, match)
 
 
+# ---- lower-level API
+# The functional kernels, the role predicates, DecayPlan's views and the schedules' __call__. Tensors are
+# built fresh for every row; `test_refused_in_place_calls_leave_every_tensor_as_it_was` reruns the rows of
+# the in-place functions and checks that each tensor is bitwise as it was.
+def floats(*sizes: int) -> list[torch.Tensor]:
+    """Float tensors of the given sizes holding 1, 2, 3, ... in turn (values a decay would change)."""
+    out, start = [], 1.0
+    for n in sizes:
+        out.append(torch.arange(start, start + n))
+        start += n
+    return out
+
+
+def with_entry(entry: Any, *sizes: int) -> list[Any]:
+    """``floats(*sizes)`` followed by ``entry`` (a non-tensor, or a tensor of another dtype or device)."""
+    return [*floats(*sizes), entry]
+
+
+def scaled_plan() -> lwd.DecayPlan:
+    """Net's plan with the norm parameters' learning rate scaled by 0.5."""
+    return lwd.DecayPlan.from_module(Net(), [R("norms", 0.0, modules="*Norm*", lr_scale=0.5), R("rest", 0.1)])
+
+
+def merged_scaled_plan() -> lwd.DecayPlan:
+    """Net's plan with two rules scaling the lr by 2, merged into one group ``a+b``."""
+    rules = [R("a", 0.1, params="fc1.*", lr_scale=2.0), R("b", 0.1, params="fc2.*", lr_scale=2.0)]
+    return lwd.DecayPlan.from_module(Net(), rules, merge=True)
+
+
+def plain_plan() -> lwd.DecayPlan:
+    return lwd.DecayPlan.from_module(Net(), presets.standard(0.1))
+
+
+TENSOR_LISTS = [  # (value, error, match), refused as `tensors` by every function that takes a list
+    (Fresh(with_entry, 0.5, 2), TypeError, r"`tensors\[1\]` is float 0.5\. Pass tensors only"),
+    (Fresh(with_entry, None, 2, 3), TypeError, r"`tensors\[2\]` is NoneType None\. Pass tensors only"),
+    (Fresh(torch.ones, 3), TypeError, r"got Tensor \(one tensor: wrap it in a list, `\[t\]`\)\. Pass for example"),
+    (Fresh(dict, w=torch.ones(2)), TypeError, r"got dict\. Pass for example `list\(model\.parameters\(\)\)`"),
+    (3, TypeError, r"must be a list of tensors, got int\. Pass for example"),
+]
+for name in ("apply_decay_", "flat_view", "global_norm", "group_by_device_and_dtype", "make_contiguous_", "mean_abs"):
+    func = getattr(F, name)
+    extra = {"step": 0.1} if name == "apply_decay_" else {}
+    for value, error, match in TENSOR_LISTS:
+        case(f"functional.{name}", "tensors", func, {"tensors": value, **extra}, error, match)
+for value, error, match in TENSOR_LISTS[:2]:
+    case("functional.rms", "tensors", F.rms, dict(tensors=value), error, match)
+for name in ("global_norm", "mean_abs", "rms"):
+    case(f"functional.{name}", "tensors", getattr(F, name), dict(tensors=[]), ValueError, "is empty.*Pass at least")
+
+# apply_decay_: every refusal leaves the tensors as they were (checked again below)
+DECAY = F.apply_decay_
+for value, error, match in [
+    (True, TypeError, r"got bool True\. Pass the step size η·λ as a float, for example step=1e-4"),
+    (False, TypeError, r"got bool False\. Pass the step size"),
+    (-1, ValueError, r"finite number >= 0, got -1 \(a negative step grows the tensors.*Pass the step size"),
+    (-1e-4, ValueError, r"got -0\.0001.*for example step=1e-4"),
+    (math.nan, ValueError, r"finite number >= 0, got nan.*Pass the step size"),
+    (math.inf, ValueError, r"finite number >= 0, got inf"),
+    (-math.inf, ValueError, r"got -inf.*or 0\.0 for no decay"),
+    ("0.1", TypeError, r"got str '0\.1'\. Pass the step size"),
+    (None, TypeError, r"got NoneType None\. Pass"),
+    (1j, TypeError, r"got complex 1j\. Pass"),
+    (Fresh(torch.full, (2,), 0.1), ValueError, r"got a tensor of shape \(2,\)\. Pass one step size.*reshape"),
+    (Fresh(torch.tensor, 1), TypeError, r"got a tensor of dtype torch\.int64\. Pass a floating-point step"),
+]:
+    case("functional.apply_decay_", "step", DECAY, dict(tensors=Fresh(floats, 2, 1), step=value), error, match)
+for value in (True, 2.0, 3, 0, "2", None):
+    case(
+        "functional.apply_decay_",
+        "ord",
+        DECAY,
+        dict(tensors=Fresh(floats, 2), step=0.1, ord=value),
+        ValueError,
+        r"must be 1 \(L1 soft threshold\) or 2 \(multiplicative decay\), got .*; use any of the following: 1, 2\.",
+    )
+for tensors, error, match in [
+    (Fresh(with_entry, torch.tensor([1, 2]), 2), TypeError, r"`tensors\[1\]` has dtype torch\.int64.*Pass only float"),
+    (Fresh(with_entry, torch.tensor([True]), 2), TypeError, r"`tensors\[1\]` has dtype torch\.bool"),
+]:
+    case("functional.apply_decay_", "tensors", DECAY, dict(tensors=tensors, step=0.1), error, match)
+case(  # a tensor step lives on one device: the first tensor's (meta here, which the CPU tensor cannot use)
+    "functional.apply_decay_",
+    "tensors",
+    DECAY,
+    dict(tensors=Fresh(lambda: [torch.ones(2, device="meta"), *floats(2)]), step=Fresh(torch.tensor, 0.1)),
+    ValueError,
+    r"spans devices \['cpu', 'meta'\], but a tensor `step` lives on one\. Split the list with",
+)
+for ord in (1, 2):
+    for mask, error, match in [
+        ([], ValueError, r"`mask` has 0 tensors for 2 tensors; give one mask per tensor"),
+        (Fresh(floats, 2), ValueError, r"`mask` has 1 tensors for 2 tensors; give one mask per tensor"),
+        (Fresh(lambda: [torch.ones(2), torch.ones(2)]), ValueError, r"`mask\[1\]` has shape \(2,\) for a tensor of sh"),
+        (
+            Fresh(lambda: [torch.ones(2), torch.ones(1, 3)]),
+            ValueError,
+            r"shape \(1, 3\) for a tensor of shape \(3,\); give",
+        ),
+        (Fresh(lambda: [torch.ones(2), 1.0]), TypeError, r"`mask\[1\]` is float 1\.0\. Pass tensors only.*cautious_ma"),
+        (Fresh(torch.ones, 2), TypeError, r"`mask` must be a list of tensors, got Tensor \(one tensor: wrap it"),
+        (Fresh(lambda: [torch.ones(2), torch.ones(3, device="meta")]), ValueError, r"`mask\[1\]` is on meta.*put each"),
+        (Fresh(lambda: [torch.ones(2), torch.ones(3, dtype=torch.complex64)]), TypeError, r"complex64.*Pass a float"),
+    ]:
+        kwargs = dict(tensors=Fresh(floats, 2, 3), step=0.1, ord=ord, mask=mask)
+        case("functional.apply_decay_", "mask", DECAY, kwargs, error, match)
+
+# cautious_mask
+for argument in ("after", "before"):
+    for value, error, match in [
+        (Fresh(with_entry, 0.5, 2), TypeError, rf"`{argument}\[1\]` is float 0\.5\. Pass tensors only"),
+        (Fresh(torch.ones, 2), TypeError, r"got Tensor \(one tensor: wrap it in a list"),
+        (None, TypeError, r"must be a list of tensors, got NoneType\. Pass for example"),
+    ]:
+        kwargs = {"after": Fresh(floats, 2, 1), "before": Fresh(floats, 2, 1), argument: value}
+        case("functional.cautious_mask", argument, F.cautious_mask, kwargs, error, match)
+for before, match in [
+    (Fresh(floats, 2), r"`before` has 1 tensors for 2 tensors in `after`; give the same parameters, in the same"),
+    (Fresh(floats, 2, 3), r"`before\[1\]` has shape \(3,\) but `after\[1\]` has shape \(1,\); give the same"),
+]:
+    kwargs = dict(after=Fresh(floats, 2, 1), before=before)
+    case("functional.cautious_mask", "before", F.cautious_mask, kwargs, ValueError, match)
+
+# make_contiguous_: what one buffer cannot hold
+for tensors, match in [
+    ([], r"`tensors` is empty; give the parameters"),
+    (Fresh(lambda: [torch.ones(2), torch.ones(2, dtype=torch.float64)]), r"mixes devices or dtypes.*Split them"),
+    (Fresh(lambda: [torch.ones(2)] * 2), r"holds a tensor more than once.*give each tensor once"),
+]:
+    case("functional.make_contiguous_", "tensors", F.make_contiguous_, dict(tensors=tensors), ValueError, match)
+
+# global_norm's order; mean_abs's and rms's element count
+for value in (0, -1.0, math.nan, True, "2", None):
+    kwargs = dict(tensors=Fresh(floats, 2), ord=value)
+    case("functional.global_norm", "ord", F.global_norm, kwargs, ValueError, r"number > 0 .*pass for example ord=2\.0")
+for name in ("mean_abs", "rms"):
+    for value, error, match in [
+        (-1, ValueError, r"`numel` must be an int >= 0, got -1\. Pass the total element count"),
+        (2.0, TypeError, r"must be None or an int >= 0, got float 2\.0\. Pass the total element count"),
+        (True, TypeError, r"got bool True\. Pass the total"),
+        ("6", TypeError, r"got str '6'\. Pass"),
+    ]:
+        case(f"functional.{name}", "numel", getattr(F, name), dict(tensors=Fresh(floats, 2), numel=value), error, match)
+
+# presets: the role predicates
+for name in ("is_bias", "is_embedding", "is_linear_weight", "is_normalization"):
+    func = getattr(presets, name)
+    ok = dict(name="fc.weight", param=Fresh(lambda: nn.Parameter(torch.ones(2, 2))), module=Fresh(nn.Linear, 2, 2))
+    for argument, value, match in [
+        ("name", 3, r"`name` must be the parameter's name as a string, got int 3\. Pass for example 'fc\.weight'"),
+        ("name", None, r"got NoneType None\. Pass for example 'fc\.weight'"),
+        ("name", b"fc.weight", r"got bytes b'fc\.weight'\. Pass for example"),
+        ("param", "fc.weight", r"`param` must be the parameter tensor, got str 'fc\.weight'\. Pass for example"),
+        ("param", (2, 2), r"got tuple \(2, 2\)\. Pass for example `module\.weight`"),
+        ("module", None, r"`module` must be the torch\.nn\.Module that holds the parameter, got NoneType.*Pass for"),
+        ("module", nn.Linear, r"got type <class 'torch\.nn\.modules\.linear\.Linear'>\. Pass for example"),
+    ]:
+        case(f"presets.{name}", argument, func, {**ok, argument: value}, TypeError, match)
+
+# DecayPlan's views, called on a plan of Net
+for method in (lwd.DecayPlan.explain, lwd.DecayPlan.entry):
+    owner = f"DecayPlan.{method.__name__}"
+    for value, error, match in [
+        (3, TypeError, r"`name` must be a parameter's name as a string, got int 3\. Pass for example 'fc\.weight'"),
+        (None, TypeError, r"got NoneType None\. Pass for example"),
+        (
+            "fc1.wieght",
+            KeyError,
+            r"No planned parameter is named 'fc1\.wieght'; `name` must be a canonical name or alias of a trainable"
+            r" parameter\. Did you mean 'fc1\.weight' or 'fc2\.weight'\? List the planned names with",
+        ),
+        ("nothing.like.it", KeyError, r"'nothing\.like\.it'; `name` must be .*parameter\. List the planned names"),
+    ]:
+        case(owner, "name", method, {"self": Fresh(plain_plan), "name": value}, error, match)
+GROUPS = lwd.DecayPlan.param_groups
+for value, error, match in [
+    ("1e-3", TypeError, r"got str '1e-3'\. Pass the lr you give the optimizer, for example 3e-4"),
+    (True, TypeError, r"got bool True\. Pass the lr"),
+    (math.nan, ValueError, r"finite number >= 0.*got float nan\. Pass the lr"),
+    (-1.0, ValueError, r"got float -1\.0\. Pass the lr"),
+    (
+        None,
+        ValueError,
+        r"`lr` is None, but rule 'norms' scales the learning rate of group 'norms' by 0\.5; pass the optimizer's base"
+        r" lr, for example lr=3e-4, so that the group gets its absolute lr",
+    ),
+]:
+    case("DecayPlan.param_groups", "lr", GROUPS, {"self": Fresh(scaled_plan), "lr": value}, error, match)
+for kwargs, error, match in [
+    (dict(lr_scale_key=3), TypeError, r"must be None or a string, got int 3\. Pass the group key.*'lwd_lr_scale'"),
+    (dict(lr_scale_key=""), ValueError, r"non-empty key the groups do not already have.*got ''\. Use a key of your"),
+    (dict(lr_scale_key="lr"), ValueError, r"\(lr, name, param_names, params, weight_decay\), got 'lr'\. Use a key"),
+    (dict(lr_scale_key="k", lr=0.1), ValueError, r"`lr_scale_key`='k' comes with lr=0\.1.*Pass either lr"),
+]:
+    case("DecayPlan.param_groups", "lr_scale_key", GROUPS, {"self": Fresh(scaled_plan), **kwargs}, error, match)
+
+case(
+    "build_param_groups",
+    "lr",
+    lwd.build_param_groups,
+    dict(module=Fresh(Net), rules=[R("norms", 0.0, modules="*Norm*", lr_scale=0.5), R("rest", 0.1)]),
+    ValueError,
+    r"`lr` is None, but rule 'norms' scales the learning rate of group 'norms' by 0\.5; pass the optimizer's base lr",
+)
+case(
+    "DecayPlan.param_groups",
+    "lr",
+    GROUPS,
+    dict(self=Fresh(merged_scaled_plan)),
+    ValueError,
+    r"`lr` is None, but rules \['a', 'b'\] scale the learning rate of group 'a\+b' by 2; pass the optimizer's base",
+)
+
+# schedules: the step a schedule is called with
+for name, schedule in [
+    ("Constant", schedules.Constant(0.5)),
+    ("LinearWarmup", schedules.LinearWarmup(4)),
+    ("Cosine", schedules.Cosine(total_steps=10)),
+]:
+    for value, error, match in [
+        (-8, ValueError, r"`step` must be an int >= 0 \(the optimizer steps taken so far, from 0\), got -8\. Pass for"),
+        (1.5, TypeError, r"must be an int \(the optimizer steps taken so far, from 0\), got float 1\.5\. Pass for"),
+        (True, TypeError, r"got bool True\. Pass for example `trainer\.global_step`"),
+        ("3", TypeError, r"got str '3'\. Pass for example"),
+        (None, TypeError, r"got NoneType None\. Pass"),
+    ]:
+        call = type(schedule).__call__
+        case(f"schedules.{name}.__call__", "step", call, {"self": schedule, "step": value}, error, match)
+
+
 @pytest.mark.parametrize(("owner", "argument", "func", "kwargs", "error", "match"), ROWS)
 def test_bad_input(owner, argument, func, kwargs, error, match, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # Trainer rows write nothing, but keep them out of the repository anyway
@@ -581,7 +819,47 @@ def required_rows() -> set[tuple[str, str]]:
         if name != "Schedule":  # the protocol
             required |= {(f"schedules.{name}", a) for a in _parameters(cls)}
     required |= {("WDMixin", a) for a in _mixin_attributes()}
+    # the lower-level API: the functional kernels, the role predicates, DecayPlan's views, the schedules' __call__
+    for name in F.__all__:
+        required |= {(f"functional.{name}", a) for a in _parameters(getattr(F, name))}
+    for name in presets.__all__:
+        if name.startswith("is_"):
+            required |= {(f"presets.{name}", a) for a in _parameters(getattr(presets, name))}
+    for name in ("explain", "entry", "param_groups"):
+        required |= {(f"DecayPlan.{name}", a) for a in _parameters(getattr(lwd.DecayPlan, name))}
+    for name in schedules.__all__:
+        if name != "Schedule":
+            required |= {(f"schedules.{name}.__call__", a) for a in _parameters(getattr(schedules, name).__call__)}
     return required
+
+
+#: The in-place functions: a refused call must leave every tensor it was given as it was.
+IN_PLACE = ("functional.apply_decay_", "functional.make_contiguous_")
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors of a row's argument: a tensor, or the tensors of a list, tuple or dict."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for t in value if isinstance(t, torch.Tensor)]
+    return []
+
+
+@pytest.mark.parametrize(
+    ("owner", "argument", "func", "kwargs", "error", "match"), [r for r in ROWS if r.values[0] in IN_PLACE]
+)
+def test_refused_in_place_calls_leave_every_tensor_as_it_was(owner, argument, func, kwargs, error, match):
+    kwargs = {k: v.build() if isinstance(v, Fresh) else v for k, v in kwargs.items()}
+    given = [t for v in kwargs.values() for t in _tensors_in(v) if not t.is_meta]  # (meta tensors hold no values)
+    before = [(t.detach().clone(), t.data_ptr(), t.shape) for t in given]
+    with pytest.raises(error):
+        func(**kwargs)
+    for t, (values, address, shape) in zip(given, before, strict=True):
+        assert t.shape == shape and t.data_ptr() == address, "a tensor was moved"
+        assert torch.equal(t, values), f"a tensor changed: {values} -> {t}"
 
 
 def test_every_public_argument_has_a_row():

@@ -1,4 +1,5 @@
-"""``lightning_wd.functional`` norms on one process: float64, mixed dtypes, empty tensors, bad ``ord``.
+"""``lightning_wd.functional`` on one process: norms (float64, mixed dtypes, empty tensors, bad ``ord``) and
+the argument checks of the decay kernels (accepted steps and lists, refusals that leave every tensor as it was).
 
 Expected values are worked out by hand in the comments; the sharded (DTensor) cases are in
 ``tests/test_sharded.py``.
@@ -56,3 +57,86 @@ def test_empty_list_is_refused():
     for func in (F.global_norm, F.mean_abs, F.rms):
         with pytest.raises(ValueError, match="`tensors` is empty"):
             func([])
+
+
+# ---------------------------------------------------------- apply_decay_: accepted input, refusals that change nothing
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        (0, [[2.0, -4.0], [8.0]]),  # an int step: nothing decays
+        (0.25, [[1.5, -3.0], [6.0]]),  # x * (1 - 0.25)
+        (1, [[0.0, 0.0], [0.0]]),  # x * (1 - 1)
+        (torch.tensor(0.5), [[1.0, -2.0], [4.0]]),  # a 0-dim tensor step
+        (torch.tensor(0.5, dtype=f64), [[1.0, -2.0], [4.0]]),  # of another dtype than the tensors
+    ],
+)
+def test_accepted_steps_decay_by_hand_computed_factors(step, expected):
+    p = [torch.tensor([2.0, -4.0]), torch.tensor([8.0])]
+    F.apply_decay_(p, step)
+    assert [t.tolist() for t in p] == expected
+
+
+def test_accepted_lists_and_masks_by_hand():
+    # a tuple, a generator: lists of any kind; masks of 0/1 floats, bools or ints pick the coordinates
+    p = (torch.tensor([2.0, -4.0]), torch.tensor([8.0]))
+    F.apply_decay_(p, 0.5, mask=[torch.tensor([1.0, 0.0]), torch.tensor([True])])
+    assert [t.tolist() for t in p] == [[1.0, -4.0], [4.0]]
+    F.apply_decay_((t for t in p), 0.5, ord=1, mask=[torch.tensor([0, 1]), torch.tensor([1])])
+    # L1 where the mask is 1: -4 -> -(4 - 0.5) = -3.5, 4 -> 3.5; the masked-out 1.0 stays
+    assert [t.tolist() for t in p] == [[1.0, -3.5], [3.5]]
+    F.apply_decay_([], 0.1)  # nothing to decay is fine
+
+
+def test_a_tensor_step_is_used_as_given_without_a_host_synchronisation(monkeypatch):
+    def sync(*args: object) -> None:
+        raise AssertionError("apply_decay_ read a tensor step on the host")
+
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    p = [torch.tensor([2.0, -4.0])]
+    F.apply_decay_(p, torch.tensor(0.25))
+    F.apply_decay_(p, torch.tensor(0.5), ord=1)
+    F.apply_decay_(p, torch.tensor(math.nan))  # not refused: its value is never looked at
+    monkeypatch.undo()
+    # 2 * 0.75 = 1.5 -> 1.0 (L1 by 0.5); -4 * 0.75 = -3 -> -2.5; then NaN times each
+    assert all(math.isnan(v) for v in p[0].tolist())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        (dict(step=0.5, mask=[torch.ones(2), torch.ones(1, 3)]), ValueError),  # broadcastable, wrong shape
+        (dict(step=0.5, mask=[torch.ones(2), torch.ones(3, device="meta")]), ValueError),
+        (dict(step=True), TypeError),  # once x * (1 - True): zeroed
+        (dict(step=-1), ValueError),  # once x * (1 + 1): doubled
+        (dict(step=0.5, ord=True), ValueError),
+    ],
+)
+def test_refused_decay_leaves_every_tensor_as_it_was(kwargs, error):
+    p = [torch.tensor([2.0, -4.0]), torch.tensor([8.0, 1.0, 3.0])]
+    with pytest.raises(error):
+        F.apply_decay_(p, **kwargs)
+    assert [t.tolist() for t in p] == [[2.0, -4.0], [8.0, 1.0, 3.0]]
+
+
+def test_a_non_float_tensor_after_float_ones_is_refused_before_any_is_scaled():
+    p = [torch.tensor([2.0, -4.0]), torch.tensor([3, 4])]
+    with pytest.raises(TypeError, match=r"`tensors\[1\]` has dtype torch.int64"):
+        F.apply_decay_(p, 0.5)
+    assert p[0].tolist() == [2.0, -4.0] and p[1].tolist() == [3, 4]
+
+
+def test_cautious_mask_refuses_shapes_that_foreach_would_broadcast():
+    after, before = [torch.tensor([[0.5, 2.0]])], [torch.tensor([1.0, 1.0])]
+    with pytest.raises(ValueError, match=r"`before\[0\]` has shape \(2,\) but `after\[0\]` has shape \(1, 2\)"):
+        F.cautious_mask(after, before)
+    # the same shapes: 0.5 moved toward zero from 1.0 (1), 2.0 away from it (0)
+    assert F.cautious_mask([torch.tensor([0.5, 2.0])], before)[0].tolist() == [1.0, 0.0]
+
+
+def test_numel_may_be_given_as_any_int_at_least_zero():
+    tensors = [torch.tensor([3.0, -4.0])]
+    # |3| + |-4| = 7 over 7 elements (as if the tensors were larger) = 1; 3^2 + 4^2 = 25 over 4 -> sqrt 6.25 = 2.5
+    assert float(F.mean_abs(tensors, numel=7)) == 1.0
+    assert float(F.rms(tensors, numel=4)) == 2.5
+    assert float(F.mean_abs(tensors, numel=0)) == 7.0  # no elements counted: divided by 1, as for empty tensors

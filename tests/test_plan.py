@@ -328,6 +328,7 @@ def test_plan_is_deterministic_across_rebuilds_and_copies(model, rules, options)
     for g, planned in zip(groups, first.groups, strict=True):
         assert g["params"] == list(planned.params) and g["param_names"] == list(planned.param_names)
         assert g["weight_decay"] == planned.weight_decay
+        assert "lr_scale" not in g
         assert ("lr" in g) is (planned.lr_scale != 1.0)
         if "lr" in g:
             assert g["lr"] == pytest.approx(0.1 * planned.lr_scale)
@@ -574,7 +575,7 @@ def test_frozen_parameters_are_left_out_and_listed():
     plan = lwd.DecayPlan.from_module(model, presets.standard(0.1))
     assert plan.frozen == ("fc1.weight", "fc1.bias")
     assert [n for g in plan.groups for n in g.param_names] == ["norm.weight", "norm.bias", "fc2.bias", "fc2.weight"]
-    with pytest.raises(KeyError, match=r"'fc1.weight'. It is frozen"):
+    with pytest.raises(KeyError, match=r"'fc1.weight'; .* It is frozen .*plan it with include_frozen=True"):
         plan.entry("fc1.weight")
     assert plan.table().endswith("frozen, not planned: 2 tensors")
     everything = lwd.DecayPlan.from_module(model, presets.standard(0.1), include_frozen=True)
@@ -714,17 +715,60 @@ def test_table_text():
     assert repr(plan) == "DecayPlan(no_decay=4, decay=2)"
 
 
-def test_build_param_groups_writes_absolute_lr_for_scaled_rules():
+def _timm_style_update(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """What timm's ``Scheduler.update_groups`` does: each group's ``initial_lr`` times the schedule's factor,
+    times the group's ``lr_scale`` where it has that key."""
+    for g in optimizer.param_groups:
+        value = g["initial_lr"] * factor
+        g["lr"] = value * g["lr_scale"] if "lr_scale" in g else value
+
+
+def test_scaled_rules_reach_the_optimizer_lr_exactly_once():
     rules = [
         lwd.DecayRule("norms", 0.0, modules="*Norm*", lr_scale=0.5),
         lwd.DecayRule("rest", 0.1),
     ]
     groups = lwd.build_param_groups(TinyNet(), rules, lr=0.02)
-    assert [(g["name"], g.get("lr"), g["lr_scale"]) for g in groups] == [("norms", 0.01, 0.5), ("rest", None, 1.0)]
+    # 0.02 * 0.5 = 0.01 written as the absolute lr; the unscaled group sets none (the optimizer's applies)
+    assert [(g["name"], g.get("lr")) for g in groups] == [("norms", 0.01), ("rest", None)]
+    assert not any("lr_scale" in g for g in groups)
     opt = torch.optim.SGD(groups, lr=0.02)
     assert [g["lr"] for g in opt.param_groups] == [0.01, 0.02]
-    # Without `lr` no group sets one: the optimizer's default applies.
-    assert all("lr" not in g for g in lwd.build_param_groups(TinyNet(), rules))
+    # a timm-style scheduler keeps the scale once: at factor 1 the lrs stay 0.01 and 0.02 (not 0.005),
+    # at factor 0.5 they become 0.005 and 0.01
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    _timm_style_update(opt, 1.0)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.02]
+    _timm_style_update(opt, 0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.005, 0.01]
+
+
+def test_scaled_rules_without_lr_are_refused_unless_the_scale_has_a_key():
+    rules = [
+        lwd.DecayRule("norms", 0.0, modules="*Norm*", lr_scale=0.5),
+        lwd.DecayRule("rest", 0.1),
+    ]
+    message = (
+        r"`lr` is None, but rule 'norms' scales the learning rate of group 'norms' by 0.5; pass the optimizer's"
+        r" base lr, for example lr=3e-4, so that the group gets its absolute lr"
+    )
+    with pytest.raises(ValueError, match=message):
+        lwd.build_param_groups(TinyNet(), rules)
+    plan = lwd.DecayPlan.from_module(TinyNet(), rules)
+    with pytest.raises(ValueError, match=message):
+        plan.param_groups()
+    # Without a scaled rule no lr is needed, and no group sets one.
+    plain = lwd.build_param_groups(TinyNet(), [lwd.DecayRule("rest", 0.1)])
+    assert [sorted(g) for g in plain] == [["name", "param_names", "params", "weight_decay"]]
+    # With `lr_scale_key` the scale goes under that key, in every group, and no lr is written.
+    keyed = plan.param_groups(lr_scale_key="lwd_lr_scale")
+    assert [(g["name"], g["lwd_lr_scale"]) for g in keyed] == [("norms", 0.5), ("rest", 1.0)]
+    assert not any("lr" in g or "lr_scale" in g for g in keyed)
+    assert [g["param_names"] for g in keyed] == [
+        ["norm.weight", "norm.bias"],
+        ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"],
+    ]
 
 
 def test_default_rules_are_standard():
@@ -797,3 +841,32 @@ def test_plan_of_a_cuda_model_holds_the_cuda_tensors():
     ]
     assert all(p.is_cuda for g in groups for p in g["params"])
     torch.optim.AdamW(groups, lr=1e-3, fused=True)
+
+
+def test_unknown_names_suggest_close_aliases_and_say_how_to_list_names():
+    plan = lwd.DecayPlan.from_module(TinyNet(), presets.standard(0.1))
+    # difflib ratios against 'fc1.wieght': fc1.weight 0.9, fc2.weight 0.8 (over the 0.6 cutoff), norm.weight 0.57
+    with pytest.raises(KeyError) as info:
+        plan.entry("fc1.wieght")
+    message = info.value.args[0]
+    assert message == (
+        "No planned parameter is named 'fc1.wieght'; `name` must be a canonical name or alias of a trainable"
+        " parameter. Did you mean 'fc1.weight' or 'fc2.weight'? List the planned names with"
+        " `[e.name for e in plan.entries]` (aliases in `e.aliases`), or print `plan.table()` for the groups."
+    )
+    with pytest.raises(KeyError) as again:
+        plan.explain("fc1.wieght")
+    assert again.value.args == info.value.args  # explain raises the same KeyError
+    with pytest.raises(KeyError, match=r"'zzz'; `name` must be .*trainable parameter\. List the planned"):
+        plan.entry("zzz")  # nothing close: no suggestion
+    # a raw name (wrapper prefixes) still resolves, and a name that is not a string is a TypeError
+    assert plan.entry("_orig_mod.fc1.weight").name == "fc1.weight"
+    for method in (plan.entry, plan.explain):
+        with pytest.raises(TypeError, match=r"`name` must be a parameter's name as a string, got int 0"):
+            method(0)
+
+
+def test_duplicate_rule_names_are_all_listed_once_sorted():
+    rules = [lwd.DecayRule(n, 0.1, params=f"*{i}*") for i, n in enumerate(["b", "a", "c", "b", "a", "b"])]
+    with pytest.raises(PlanError, match=r"duplicate rule names \['a', 'b'\]\. Give every rule a unique `name`"):
+        lwd.DecayPlan.from_module(TinyNet(), rules)

@@ -209,3 +209,35 @@ def test_presets_code_names_no_model():
     for model_name in ("gpt", "llama", "t5", "vit", "convnext", "mamba", "bert", "mixtral", "swin", "clip"):
         hits = {w for w in re.findall(r"[a-z0-9]+", code) if w.startswith(model_name)}
         assert hits <= {"gpt"}, hits  # the only one allowed: the `gpt` preset's own name
+
+
+class Name(str):
+    """A ``str`` subclass, as some configuration libraries hand names over."""
+
+
+@pytest.mark.parametrize(
+    "predicate", [presets.is_bias, presets.is_embedding, presets.is_linear_weight, presets.is_normalization]
+)
+def test_role_predicates_check_their_arguments_and_accept_what_the_plan_gives(predicate):
+    lin, emb, norm = nn.Linear(2, 2), nn.Embedding(3, 2), nn.LayerNorm(2)
+    expected = {
+        presets.is_bias: (True, False, False),
+        presets.is_embedding: (False, True, False),
+        presets.is_linear_weight: (False, False, True),
+        presets.is_normalization: (False, False, False),
+    }[predicate]
+    # (the bias of a Linear, an Embedding's table, a Linear's weight), with a str subclass and a plain tensor too
+    got = (
+        predicate(Name("fc.bias"), lin.bias, lin),
+        predicate("wte.weight", emb.weight.detach(), emb),
+        predicate("fc.weight", lin.weight, lin),
+    )
+    assert got == expected
+    assert predicate("ln.weight", norm.weight, norm) is (predicate is presets.is_normalization)
+    for args, argument in [
+        ((lin.weight, "fc.weight", lin), "name"),  # name and param swapped
+        (("fc.weight", lin.weight.shape, lin), "param"),
+        (("fc.weight", lin.weight, "fc"), "module"),
+    ]:
+        with pytest.raises(TypeError, match=rf"^`{argument}` must be"):
+            predicate(*args)
