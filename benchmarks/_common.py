@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 import lightning_wd as lwd
-from lightning_wd.engine import PLANNED_KEY
+from lightning_wd.plan import PLANNED_KEY
 
 
 def sync(device: torch.device) -> None:

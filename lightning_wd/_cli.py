@@ -215,11 +215,8 @@ def _explain(args: argparse.Namespace) -> None:
     for name in args.param or []:
         try:
             print(plan.explain(name))
-        except KeyError as err:
-            names = [n for e in plan.entries for n in e.aliases]
-            close = difflib.get_close_matches(name, names, n=3)
-            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise UsageError(f"`--param`: {err.args[0]}{hint}") from err
+        except KeyError as err:  # the plan's message already suggests close names
+            raise UsageError(f"`--param`: {err.args[0]}") from err
     if args.params:
         print()
         width = max(len(e.name) for e in plan.entries)

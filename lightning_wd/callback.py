@@ -29,7 +29,6 @@ from typing_extensions import override
 
 from lightning_wd.engine import (
     LEGACY_PLANNED_KEY,
-    PLANNED_KEY,
     DecayOptions,
     Metric,
     Mode,
@@ -40,7 +39,7 @@ from lightning_wd.engine import (
     check_engine_state,
     unwrap_optimizer,
 )
-from lightning_wd.plan import DecayPlan, _check_rules
+from lightning_wd.plan import PLANNED_KEY, DecayPlan, _check_rules
 from lightning_wd.rules import DecayRule
 
 __all__ = ["WeightDecayCallback"]

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_wd import functional as F
-from lightning_wd.plan import DecayPlan, _check_plan_options, _check_rules
+from lightning_wd.plan import PLANNED_KEY, DecayPlan, _check_plan_options, _check_rules
 from lightning_wd.rules import DecayRule
 
 __all__ = ["WeightDecay"]
@@ -52,8 +52,6 @@ Mode = Literal["decoupled", "lr_ratio", "independent", "relative"]
 Source = Literal["grad", "params", "update"]
 Metric = Literal["mean_abs", "rms"]
 
-#: Group key marking a group built from a decay plan (its ``weight_decay`` is the plan's λ, kept as is).
-PLANNED_KEY = "lwd_planned"
 #: Group key holding the group's initial lr when no scheduler recorded ``initial_lr`` (``lr_ratio``).
 INITIAL_LR_KEY = "lwd_initial_lr"
 #: Keys of checkpoints written before λ lived in ``weight_decay`` alone (read once, then removed).
@@ -698,7 +696,16 @@ class WeightDecay:
 
     def _bucket_wd(self, bucket: _Bucket, own: Any) -> float:
         lam = bucket.rule_wd if bucket.rule_wd is not None else _lambda(own)
-        return 0.0 if lam is None else lam
+        if lam is None:  # something wrote a value that is not a λ into the group during training
+            self._problem(
+                False,
+                f"lambda:{bucket.name}",
+                f"Optimizer group {bucket.name!r} has `weight_decay`={own!r}, which is not a finite number >= 0."
+                " Set it to a float such as 0.05 (or 0.0 for no decay).",
+                later=" Its decay is skipped until it is one again.",
+            )
+            return 0.0
+        return lam
 
     @torch.no_grad()
     def _decay(self, saved: list[Any]) -> None:
@@ -731,9 +738,10 @@ class WeightDecay:
                     if not bucket.checked_precision and isinstance(step, float):
                         _warn_if_rounds_away(bucket, [part.tensors[0].dtype for part in parts], step)
                     for part in parts:
-                        mask = F.cautious_mask(part.tensors, part.before) if self.options.cautious else None
+                        # one device and dtype per part, checked when the buckets were built: the unchecked kernels
+                        mask = F._cautious_mask(part.tensors, part.before) if self.options.cautious else None
                         part.before.clear()  # last use of this chunk's copy: free it before the decay allocates
-                        F.apply_decay_(part.tensors, step, ord=self.options.ord, mask=mask)
+                        F._apply_decay_(part.tensors, step, self.options.ord, mask)
                 bucket.checked_precision = True
             bucket.last_wd, bucket.last_step = wd, step
         self.steps += 1
@@ -772,6 +780,15 @@ class WeightDecay:
             if not initial:
                 return 0.0
             size = wd * lr / initial
+        if not math.isfinite(size) or size < 0:  # an lr or a schedule gone wrong: never write NaN into the weights
+            self._problem(
+                False,
+                f"nonfinite:{bucket.name}",
+                f"Weight decay of group {bucket.name!r} has step {size!r} (lr={lr}, weight_decay={wd}, mode={mode!r}),"
+                " which is not a finite number >= 0. Check the lr schedule and the decay schedule.",
+                later=" Its decay is skipped at such steps.",
+            )
+            return 0.0
         if self.options.ord == 2 and size > 1.0:
             if not bucket.warned_clamp:
                 bucket.warned_clamp = True

@@ -14,9 +14,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
-from lightning_wd.engine import PLANNED_KEY, migrate_legacy_groups_
+from lightning_wd.engine import migrate_legacy_groups_
 from lightning_wd.functional import group_by_device_and_dtype, make_contiguous_
-from lightning_wd.plan import DecayPlan, PlanError, _check_plan_options, _check_rules
+from lightning_wd.plan import PLANNED_KEY, DecayPlan, PlanError, _check_plan_options, _check_rules
 from lightning_wd.rules import DecayRule
 
 __all__ = ["WDMixin"]
@@ -186,14 +186,7 @@ class WDMixin:
             plan = DecayPlan.from_module(self, None if rules is None else _check_rules(rules, "decay_rules"), **options)
         except PlanError as err:
             raise PlanError(f"{err} (while planning the `decay_rules` of {type(self).__name__})") from err
-        try:  # TEMPORARY until plan.param_groups(lr_scale_key=) lands
-            groups = plan.param_groups(lr_scale_key=LR_SCALE_KEY)
-        except TypeError:
-            groups = plan.param_groups()
-            for g in groups:
-                g[LR_SCALE_KEY] = g.pop("lr_scale")
-        for g in groups:
-            g[PLANNED_KEY] = True
+        groups = plan.param_groups(lr_scale_key=LR_SCALE_KEY)
         optimizer = _call_factory(factory, groups, "optimizer")
         if not isinstance(optimizer, Optimizer):
             raise TypeError(

@@ -48,6 +48,8 @@ _Record = tuple[nn.Parameter, list[tuple[str, nn.Module]], "str | None", str, bo
 
 #: Name of the rule that claims parameters marked by the ecosystem's no-decay conventions.
 MARKED_RULE = "no_weight_decay"
+#: Key marking a parameter group built from a plan: its ``weight_decay`` is the rules' λ, decayed as a whole.
+PLANNED_KEY = "lwd_planned"
 #: Group that marked parameters land in.
 _MARKED_GROUP = "no_decay"
 
@@ -553,7 +555,9 @@ class DecayPlan:
     def param_groups(self, lr: float | None = None, *, lr_scale_key: str | None = None) -> list[dict[str, Any]]:
         """Torch-ready parameter groups.
 
-        Each dict has ``params``, ``name``, ``weight_decay`` and ``param_names``. A group whose rule
+        Each dict has ``params``, ``name``, ``weight_decay``, ``param_names`` and ``lwd_planned: True``
+        (which tells :class:`~lightning_wd.WeightDecay` that ``weight_decay`` is the rules' λ for the
+        whole group). A group whose rule
         scales the learning rate (``lr_scale != 1``) gets its absolute ``lr``, ``lr * lr_scale``, so
         that the scale is applied exactly once: no group carries an ``lr_scale`` key, which timm's
         schedulers would multiply in again. Other groups set no ``lr`` (the optimizer's applies).
@@ -607,6 +611,7 @@ class DecayPlan:
                 "name": g.name,
                 "weight_decay": g.weight_decay,
                 "param_names": list(g.param_names),
+                PLANNED_KEY: True,
             }
             if lr_scale_key is not None:
                 group[lr_scale_key] = g.lr_scale
@@ -827,7 +832,7 @@ def _check_lr(lr: Any) -> None:
 
 
 #: Keys every group of :meth:`DecayPlan.param_groups` has, or may have.
-_GROUP_KEYS = ("lr", "name", "param_names", "params", "weight_decay")
+_GROUP_KEYS = ("lr", "lwd_planned", "name", "param_names", "params", "weight_decay")
 
 
 def _check_lr_scale_key(key: Any, lr: float | None) -> None:
@@ -920,9 +925,9 @@ def build_param_groups(
             ``default_weight_decay``, ``default_group``, ``respect_no_weight_decay``, ``merge``).
 
     Returns:
-        A list of dicts with ``params``, ``name``, ``weight_decay`` and ``param_names``, and the
-        absolute ``lr`` (``lr * lr_scale``) where a rule scales it; never an ``lr_scale`` key (timm's
-        schedulers would apply it a second time). For the scale under a key of your own, use
+        A list of dicts with ``params``, ``name``, ``weight_decay``, ``param_names`` and
+        ``lwd_planned: True``, and the absolute ``lr`` (``lr * lr_scale``) where a rule scales it; never
+        an ``lr_scale`` key (timm's schedulers would apply it a second time). For the scale under a key of your own, use
         ``DecayPlan.from_module(...).param_groups(lr_scale_key=...)``.
 
     Raises:

@@ -732,7 +732,11 @@ for value, error, match in [
 for kwargs, error, match in [
     (dict(lr_scale_key=3), TypeError, r"must be None or a string, got int 3\. Pass the group key.*'lwd_lr_scale'"),
     (dict(lr_scale_key=""), ValueError, r"non-empty key the groups do not already have.*got ''\. Use a key of your"),
-    (dict(lr_scale_key="lr"), ValueError, r"\(lr, name, param_names, params, weight_decay\), got 'lr'\. Use a key"),
+    (
+        dict(lr_scale_key="lr"),
+        ValueError,
+        r"\(lr, lwd_planned, name, param_names, params, weight_decay\), got 'lr'\. Use a key",
+    ),
     (dict(lr_scale_key="k", lr=0.1), ValueError, r"`lr_scale_key`='k' comes with lr=0\.1.*Pass either lr"),
 ]:
     case("DecayPlan.param_groups", "lr_scale_key", GROUPS, {"self": Fresh(scaled_plan), **kwargs}, error, match)

@@ -455,3 +455,21 @@ def test_bad_method_arguments_are_refused_and_change_nothing(call, error, match)
     with pytest.raises(error, match=match):
         call(engine)
     assert engine.steps == 0 and engine.attached
+
+
+def test_a_non_finite_step_or_lambda_is_skipped_with_a_warning_and_never_written_into_the_weights():
+    net = model()
+    opt = torch.optim.SGD(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=LR)
+    lwd.WeightDecay(opt, mode="independent", schedule=lambda t: 1.0 if t == 0 else math.inf)
+    for t, match in enumerate([None, r"'decay' has step inf.*Check the lr schedule", r"`weight_decay`=nan.*Set it"]):
+        if t == 2:
+            opt.param_groups[1]["weight_decay"] = math.nan  # written by a user's schedule gone wrong
+        opt.zero_grad()
+        loss_of(net, *batches(1)[0]).backward()
+        before, grad = net[0].weight.detach().clone(), net[0].weight.grad.detach().clone()
+        if match is None:
+            opt.step()
+            continue
+        with pytest.warns(UserWarning, match=match):
+            opt.step()
+        torch.testing.assert_close(net[0].weight.detach(), before - LR * grad, rtol=0, atol=1e-7)

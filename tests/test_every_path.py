@@ -260,3 +260,26 @@ def test_the_callbacks_load_state_dict_refuses_what_it_did_not_write(state, erro
     assert cb.state_dict() == {"version": 2, "engines": []}  # nothing half-loaded
     cb.load_state_dict({"version": 1, "steps": [4], "total_steps": None})  # what older releases wrote
     assert cb.state_dict()["engines"] == [{"version": 2, "steps": 4, "total_steps": None}]
+
+
+class HandWritten(L.LightningModule):
+    """The documented recipe for a hand-written configure_optimizers: groups from build_param_groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = Net()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(lwd.build_param_groups(self, lwd.presets.standard(WD)), lr=LR)
+
+
+def test_groups_from_build_param_groups_need_no_rules_on_the_callback(tmp_path):
+    recorder = StepRecorder(WDS, mode="decoupled")
+    t = trainer(tmp_path, [lwd.WeightDecayCallback(), recorder])
+    t.fit(HandWritten(), loader())
+    assert recorder.checked == 5

@@ -760,7 +760,7 @@ def test_scaled_rules_without_lr_are_refused_unless_the_scale_has_a_key():
         plan.param_groups()
     # Without a scaled rule no lr is needed, and no group sets one.
     plain = lwd.build_param_groups(TinyNet(), [lwd.DecayRule("rest", 0.1)])
-    assert [sorted(g) for g in plain] == [["name", "param_names", "params", "weight_decay"]]
+    assert [sorted(g) for g in plain] == [["lwd_planned", "name", "param_names", "params", "weight_decay"]]
     # With `lr_scale_key` the scale goes under that key, in every group, and no lr is written.
     keyed = plan.param_groups(lr_scale_key="lwd_lr_scale")
     assert [(g["name"], g["lwd_lr_scale"]) for g in keyed] == [("norms", 0.5), ("rest", 1.0)]
