@@ -163,7 +163,6 @@ class WeightDecayCallback(Callback):
         self.log_update_norm = log_update_norm
         self.engines: list[WeightDecay] = []
         self._trainer: Trainer | None = None
-        self._module: LightningModule | None = None
         self._loaded: list[dict[str, Any]] | None = None  # engine states from a checkpoint, for this fit
         self._steps_at_batch_start: list[int] = []
         self._warned_orphans = False
@@ -242,7 +241,7 @@ class WeightDecayCallback(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._trainer, self._module = trainer, pl_module
+        self._trainer = trainer
         self._warned_orphans = False
         optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
         if not optimizers:
@@ -337,8 +336,9 @@ class WeightDecayCallback(Callback):
             return
         by_optimizer = {id(e.optimizer): e for e in self.engines}
         rules, plan_options = self._rules_of(pl_module)
+        before = list(self.engines)
         engines = []
-        for opt in optimizers:
+        for index, opt in enumerate(optimizers):
             engine = by_optimizer.pop(id(opt), None)
             if engine is None:
                 rank_zero_warn(
@@ -354,6 +354,8 @@ class WeightDecayCallback(Callback):
                     _options=self.options,
                     _strict=False,
                 )
+                if index < len(before) and before[index].optimizer not in optimizers:
+                    engine.steps = before[index].steps  # the optimizer it replaces: the schedule goes on
             engines.append(engine)
         for gone in by_optimizer.values():
             gone.remove()

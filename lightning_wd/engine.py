@@ -305,7 +305,7 @@ def _signature(optimizer: Optimizer) -> tuple[tuple[int, int, int, Any], ...]:
     return tuple((id(g), id(g["params"]), len(g["params"]), g.get("name")) for g in optimizer.param_groups)
 
 
-def unique_names(names: Sequence[str]) -> list[str]:
+def _duplicates(names: Sequence[str]) -> list[str]:
     """The duplicated names among ``names`` (in first-seen order), in one pass."""
     return [n for n, count in Counter(names).items() if count > 1]
 
@@ -584,7 +584,7 @@ class WeightDecay:
                 name = f"{label}/{rule_group}" if named and label != rule_group else rule_group
                 buckets.append(_make_bucket(name, group, index, wd, ps))
         names = [b.name for b in buckets]
-        dupes = unique_names(names)
+        dupes = _duplicates(names)
         if dupes:
             self._problem(
                 strict,

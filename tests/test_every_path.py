@@ -142,6 +142,7 @@ def test_an_optimizer_recreated_mid_run_is_decayed_from_its_next_step(tmp_path):
         t.fit(WDNet(), loader())
     assert recorder.checked == 10  # no step without its decay, none decayed twice
     assert [e.optimizer for e in cb.engines] == [t.optimizers[0]]
+    assert cb.engines[0].steps == 10  # the new optimizer's engine goes on counting: a schedule does not restart
 
 
 class AddGroup(L.Callback):
