@@ -59,18 +59,9 @@ _REFUSED_STRATEGIES = {
 class WeightDecayCallback(Callback):
     r"""Apply weight decay after every real optimizer step, with any optimizer, and log it per group.
 
-    The decay is :class:`~lightning_wd.WeightDecay`'s, with the same modes (η\ :sub:`t` the group's
-    ``lr``, η\ :sub:`0` its initial lr, λ its ``weight_decay`` times the schedule's multiplier):
-
-    ============== ===============================================================
-    ``mode``       update after the optimizer step
-    ============== ===============================================================
-    decoupled      ``p <- p * (1 - η_t λ)`` (follows the lr schedule)
-    lr_ratio       ``p <- p * (1 - λ η_t / η_0)`` (the schedule's shape, not its scale)
-    independent    ``p <- p * (1 - λ)``
-    relative       ``p <- p - η_t λ m(s) p``, ``m`` the mean absolute value (or RMS) of ``s``
-                   over the group, ``s`` the gradients, the parameters or the update
-    ============== ===============================================================
+    The decay is :class:`~lightning_wd.WeightDecay`'s, with its modes (``decoupled``
+    ``p <- p (1 - η_t λ)``, ``lr_ratio``, ``independent``, ``relative``; the table is there), η\ :sub:`t`
+    the group's ``lr`` and λ its ``weight_decay`` times the schedule's multiplier.
 
     ``ord=1`` replaces the multiplication by the soft threshold with the same step,
     ``p <- sign(p) max(|p| - step, 0)``. ``cautious=True`` decays only the coordinates that
