@@ -480,6 +480,8 @@ class WeightDecay:
         inner = original if original is not None else types.MethodType(type(opt).step, opt)
 
         def step(opt: Optimizer, *args: Any, **kwargs: Any) -> Any:
+            if opt is not engine.optimizer:  # a deep copy of the optimizer carries this method: step the copy itself
+                return type(opt).step(opt, *args, **kwargs)
             if not engine._active:
                 return inner(*args, **kwargs)
             return engine._step(inner, args, kwargs)

@@ -473,3 +473,17 @@ def test_a_non_finite_step_or_lambda_is_skipped_with_a_warning_and_never_written
         with pytest.warns(UserWarning, match=match):
             opt.step()
         torch.testing.assert_close(net[0].weight.detach(), before - LR * grad, rtol=0, atol=1e-7)
+
+
+def test_a_deep_copy_of_the_optimizer_steps_its_own_parameters_without_the_engine():
+    net = model()
+    opt = torch.optim.SGD(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=LR)
+    lwd.WeightDecay(opt)
+    twin = copy.deepcopy(opt)
+    for p in twin.param_groups[1]["params"]:
+        p.grad = torch.ones_like(p)
+    original = net[0].weight.detach().clone()
+    before = twin.param_groups[1]["params"][0].detach().clone()
+    twin.step()  # SGD's own update with its own (coupled) decay, on the copy's tensors only
+    assert torch.equal(net[0].weight.detach(), original)
+    torch.testing.assert_close(twin.param_groups[1]["params"][0].detach(), before - LR * (1 + WD * before))
