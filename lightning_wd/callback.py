@@ -407,6 +407,24 @@ class WeightDecayCallback(Callback):
                 " with `trainer.strategy.setup_optimizers(trainer)`)."
             )
 
+    def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Refuse to do nothing under Lightning Fabric, which calls this hook and no other of this callback.
+
+        The Trainer never calls it; Fabric's optimizer does, after each step, with ``strategy=`` and
+        ``optimizer=``. Fabric has no trainer lifecycle to attach, log and checkpoint from, so the
+        callback cannot decay there: the engine it drives is the way.
+
+        Raises:
+            MisconfigurationException: always, with the Fabric recipe.
+        """
+        raise MisconfigurationException(
+            "WeightDecayCallback was passed to `Fabric(callbacks=...)`, where it cannot decay anything: Fabric runs"
+            " no trainer lifecycle to attach it to. Use its engine instead, after `fabric.setup`:"
+            " `model, optimizer = fabric.setup(model, optimizer)`, then `decay = lwd.WeightDecay(optimizer)`"
+            " (groups from `lwd.build_param_groups(model, rules)`), and log with `fabric.log_dict(decay.metrics())`"
+            " on the steps you log; save `decay.state_dict()` in your checkpoint."
+        )
+
     # ------------------------------------------------------------------ end of fit
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
