@@ -19,6 +19,7 @@ from torch import nn
 
 import lightning_wd as lwd
 from tests.callback_helpers import LR, WD, Net, make_data
+from tests.helpers import run_script
 
 
 def _setup(fabric: Fabric) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -61,3 +62,10 @@ def test_the_callback_passed_to_fabric_refuses_to_do_nothing_and_gives_the_recip
     fabric.backward(nn.functional.mse_loss(model(x[:8]), y[:8]))
     with pytest.raises(MisconfigurationException, match=r"Fabric\(callbacks=.*lwd\.WeightDecay\(optimizer\)"):
         optimizer.step()
+
+
+@pytest.mark.slow
+def test_the_engine_under_fabric_ddp_on_two_processes_matches_one_process(tmp_path):
+    """The script checks (on rank 0) the parameters against a single-process loop and the logged norm."""
+    result = run_script("fabric_ddp.py", str(tmp_path / "run"), cwd=tmp_path)
+    assert "fabric_ddp OK: 5 steps on 2 processes" in result.stdout, result.stdout[-3000:]
