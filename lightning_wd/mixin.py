@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
 from torch.optim import Optimizer
 
 from lightning_wd.engine import migrate_legacy_groups_
@@ -57,6 +59,9 @@ class WDMixin:
       and pass it on with ``super().__init__(decay_rules=decay_rules)``).
     * ``optimizer``: a callable taking parameter groups and returning an optimizer
       (LightningCLI's ``OptimizerCallable``); default ``AdamW(lr=1e-3)``.
+    * ``lr`` (or ``learning_rate``): optional, an attribute or hyper-parameter; when set, it is the
+      optimizer's learning rate, over the factory's (Lightning's convention: ``Tuner.lr_find`` reads and
+      sets it, so the suggested lr is the one the fit uses).
     * ``scheduler``: optional; a callable taking the optimizer and returning a scheduler
       (LightningCLI's ``LRSchedulerCallable``), or a Lightning scheduler config dict whose
       ``"scheduler"`` is such a callable or a scheduler.
@@ -195,12 +200,17 @@ class WDMixin:
             )
         _check_all_planned(optimizer, plan)
         _plan_added_groups(optimizer, self)
+        base_lr = _lr_attribute(self)
+        if base_lr is not None:  # Lightning's convention (the lr finder sets it): it wins over the factory's lr
+            optimizer.defaults["lr"] = base_lr
         for g in optimizer.param_groups:
             scale = g.pop(LR_SCALE_KEY, 1.0)
+            if base_lr is not None:
+                g["lr"] = base_lr
             if scale != 1.0:  # the absolute lr, and no `lr_scale` key that timm's schedulers would apply again
                 g["lr"] = g["lr"] * scale
-                if "initial_lr" in g:
-                    g["initial_lr"] = g["lr"]
+            if "initial_lr" in g:
+                g["initial_lr"] = g["lr"]
         self.decay_plan = plan
         if show:
             rank_zero_info(f"Weight decay plan for {type(self).__name__}:\n{plan.table()}")
@@ -293,6 +303,27 @@ def _split_by_rules(module: torch.nn.Module, optimizer: Optimizer, param_group: 
             sub["lr"] = lr * scale
         out.append(sub)
     return out
+
+
+def _lr_attribute(module: Any) -> float | None:
+    """The module's ``lr`` or ``learning_rate`` (attribute or hyper-parameter), as Lightning's lr finder reads it.
+
+    Raises:
+        TypeError: if it is set to something other than a finite number > 0.
+    """
+    for name in ("lr", "learning_rate"):
+        if lightning_hasattr(module, name):
+            value = lightning_getattr(module, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise TypeError(
+                    f"`{name}` must be a finite number > 0 (the optimizer's learning rate, which WDMixin gives every"
+                    f" group), got {type(value).__name__} {value!r}. Set it to a float such as 3e-4, or to None to"
+                    " use the lr of `optimizer`."
+                )
+            return float(value)
+    return None
 
 
 def _resolved(module: Any, name: str) -> Any:

@@ -284,3 +284,37 @@ def test_groups_from_build_param_groups_need_no_rules_on_the_callback(tmp_path):
     t = trainer(tmp_path, [lwd.WeightDecayCallback(), recorder])
     t.fit(HandWritten(), loader())
     assert recorder.checked == 5
+
+
+class WithLr(WDNet):
+    """The documented pattern for the learning-rate finder: an ``lr`` attribute beside the ``optimizer`` factory."""
+
+    def __init__(self) -> None:
+        rules = [lwd.DecayRule("head", WD, params="net.fc2.weight", lr_scale=0.5), *lwd.presets.standard(WD)]
+        super().__init__(decay_rules=rules)
+        self.lr = 0.05
+
+
+def test_the_lr_attribute_is_the_optimizers_lr_so_lr_find_s_suggestion_is_used(tmp_path):
+    from lightning.pytorch.tuner import Tuner
+
+    model = WithLr()
+    assert {g["name"]: g["lr"] for g in model.configure_optimizers().param_groups} == {
+        "head": 0.025,
+        "no_decay": 0.05,
+        "decay": 0.05,
+    }
+    t = trainer(tmp_path, [lwd.WeightDecayCallback()], max_epochs=1)
+    finder = Tuner(t).lr_find(model, train_dataloaders=loader(n=320), min_lr=1e-3, max_lr=0.5, num_training=40)
+    suggested = finder.suggestion()
+    assert suggested is not None and suggested != 0.05 and model.lr == suggested
+    probe = LrProbe()
+    trainer(tmp_path, [lwd.WeightDecayCallback(), probe]).fit(model, loader())
+    assert probe.lrs[0] == {"head": suggested * 0.5, "no_decay": suggested, "decay": suggested}
+
+
+def test_a_bad_lr_attribute_is_refused_by_name():
+    model = WithLr()
+    model.lr = "fast"
+    with pytest.raises(TypeError, match=r"`lr` must be a finite number > 0.*got str 'fast'.*Set it"):
+        model.configure_optimizers()
