@@ -257,14 +257,7 @@ class WeightDecayCallback(Callback):
         engines: list[WeightDecay] = []
         try:
             for i, opt in enumerate(optimizers):
-                engine = WeightDecay(
-                    opt,
-                    rules=rules,
-                    module=pl_module if rules is not None else None,
-                    plan_options=plan_options,
-                    total_steps=total,
-                    _options=self.options,
-                )
+                engine = self._engine(opt, pl_module, rules, plan_options, total, strict=True)
                 engines.append(engine)
                 if i < len(loaded):
                     engine.load_state_dict(loaded[i])
@@ -274,6 +267,27 @@ class WeightDecayCallback(Callback):
             raise MisconfigurationException(str(err)) from None
         self.engines = engines
         self._report_resumed_decay(trainer, pl_module)
+
+    def _engine(
+        self,
+        optimizer: Optimizer,
+        pl_module: LightningModule,
+        rules: list[DecayRule] | None,
+        plan_options: dict[str, Any],
+        total_steps: int | None,
+        *,
+        strict: bool,
+    ) -> WeightDecay:
+        """An engine with this callback's options; ``strict`` at fit start (errors), not for later optimizers."""
+        return WeightDecay(
+            optimizer,
+            rules=rules,
+            module=pl_module if rules is not None else None,
+            plan_options=plan_options,
+            total_steps=total_steps,
+            _options=self.options,
+            _strict=strict,
+        )
 
     def _total_steps(self, trainer: Trainer, loaded: list[dict[str, Any]]) -> int | None:
         """The run's length for a schedule without its own: the checkpoint's, else the trainer's estimate."""
@@ -336,15 +350,8 @@ class WeightDecayCallback(Callback):
                     f"WeightDecayCallback: the trainer's optimizers changed during training; the new"
                     f" {type(opt).__name__} is decayed from its next step, with the same rules as at fit start."
                 )
-                engine = WeightDecay(
-                    opt,
-                    rules=rules,
-                    module=pl_module if rules is not None else None,
-                    plan_options=plan_options,
-                    total_steps=self._total_steps(trainer, []),
-                    _options=self.options,
-                    _strict=False,
-                )
+                total = self._total_steps(trainer, [])
+                engine = self._engine(opt, pl_module, rules, plan_options, total, strict=False)
                 if index < len(before) and before[index].optimizer not in optimizers:
                     engine.steps = before[index].steps  # the optimizer it replaces: the schedule goes on
             engines.append(engine)
