@@ -19,10 +19,14 @@ from lightning_wd.rules import DecayRule
 
 if TYPE_CHECKING:
     from lightning_wd.callback import WeightDecayCallback
-    from lightning_wd.mixin import WDMixin
+    from lightning_wd.mixin import OptimizerSpec, WDMixin
 
 #: The Lightning shell, imported on first use, so that plain PyTorch use never imports Lightning.
-_LIGHTNING_NAMES = {"WDMixin": "lightning_wd.mixin", "WeightDecayCallback": "lightning_wd.callback"}
+_LIGHTNING_NAMES = {
+    "OptimizerSpec": "lightning_wd.mixin",
+    "WDMixin": "lightning_wd.mixin",
+    "WeightDecayCallback": "lightning_wd.callback",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -48,6 +52,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DecayPlan",
     "DecayRule",
+    "OptimizerSpec",
     "PlanError",
     "WDMixin",
     "WeightDecay",

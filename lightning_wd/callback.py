@@ -17,7 +17,7 @@ the fit, so a callback reused for a second ``fit`` starts afresh unless restored
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
@@ -307,10 +307,16 @@ class WeightDecayCallback(Callback):
 
     def _report_resumed_decay(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """On a resume, say where a group's λ differs from what the module's decay rules plan."""
+        plans = getattr(pl_module, "decay_plans", None)
         plan = getattr(pl_module, "decay_plan", None)
-        if trainer.ckpt_path is None or not isinstance(plan, DecayPlan):
+        if isinstance(plans, Mapping):  # WDMixin.decay_optimizers: groups named "<optimizer>/<group>"
+            planned = {f"{n}/{g.name}": g.weight_decay for n, p in plans.items() for g in p.groups}
+        elif isinstance(plan, DecayPlan):
+            planned = {g.name: g.weight_decay for g in plan.groups}
+        else:
             return
-        planned = {g.name: g.weight_decay for g in plan.groups}
+        if trainer.ckpt_path is None:
+            return
         differ = [
             f"{g['name']!r}: {g['weight_decay']} (rules: {planned[g['name']]})"
             for e in self.engines
@@ -378,8 +384,7 @@ class WeightDecayCallback(Callback):
         if not stepped or not self._logging_step():
             return
         self._check_orphans(pl_module)
-        several = len(self.engines) > 1
-        prefixes = _optimizer_prefixes([e.optimizer for e in self.engines]) if several else [""] * len(self.engines)
+        prefixes = _optimizer_prefixes([e.optimizer for e in self.engines])
         out: dict[str, float] = {}
         for engine, prefix in zip(self.engines, prefixes, strict=True):
             if engine not in stepped:
@@ -449,7 +454,16 @@ class WeightDecayCallback(Callback):
 
 
 def _optimizer_prefixes(optimizers: Sequence[Optimizer]) -> list[str]:
-    """'<ClassName>/' per optimizer, '-k' suffixed for repeated classes (as LearningRateMonitor)."""
+    """The key prefix of each optimizer's metrics: none while the groups' names tell them apart.
+
+    Groups named by the user (``WDMixin.decay_optimizers`` names them ``"generator/decay"``, and
+    ``build_param_groups(..., prefix="generator")`` does the same) are logged under their names. Only
+    when two optimizers hold groups of the same name is each prefixed with its class, '-k' suffixed for
+    repeated classes (as LearningRateMonitor).
+    """
+    names = [str(g.get("name", f"pg{i + 1}")) for opt in optimizers for i, g in enumerate(opt.param_groups)]
+    if len(set(names)) == len(names):
+        return [""] * len(optimizers)
     seen: dict[str, int] = {}
     out = []
     for opt in optimizers:

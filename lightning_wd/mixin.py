@@ -7,6 +7,7 @@ import math
 import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -21,7 +22,7 @@ from lightning_wd.functional import group_by_device_and_dtype, make_contiguous_
 from lightning_wd.plan import PLANNED_KEY, DecayPlan, PlanError, _check_plan_options, _check_rules
 from lightning_wd.rules import DecayRule
 
-__all__ = ["WDMixin"]
+__all__ = ["OptimizerSpec", "WDMixin"]
 
 #: Key under which the plan hands each group's lr scale to ``configure_optimizers`` (removed once applied).
 LR_SCALE_KEY = "lwd_lr_scale"
@@ -74,6 +75,11 @@ class WDMixin:
       tensor, which matters on CPU for models of many small tensors (default False). Values,
       identities and shapes are unchanged; sharded (DTensor) parameters are left as they are.
 
+    * ``decay_optimizers``: several optimizers (a GAN's generator and discriminator, a backbone and a
+      head), as a mapping from the name you give each to an ``OptimizerSpec`` (its submodules, factory,
+      rules and scheduler). Their groups are named ``"<name>/<group>"``, and so are their logged
+      metrics (``wd/generator/decay/param_norm``). Each trainable parameter belongs to exactly one.
+
     Each group keeps ``name``, ``param_names`` and ``weight_decay``; where a rule scales the
     learning rate the group's absolute ``lr`` is written, so torch schedulers work. The
     resolved plan is available as ``self.decay_plan`` after ``configure_optimizers``.
@@ -95,6 +101,9 @@ class WDMixin:
     """
 
     decay_rules: Sequence[DecayRule] | None = None
+    decay_optimizers: Mapping[str, OptimizerSpec] | None = None
+    decay_plan: DecayPlan | None
+    decay_plans: dict[str, DecayPlan]
     decay_plan_options: Mapping[str, Any] = {}
     show_decay_plan: bool = True
     contiguous_parameters: bool = False
@@ -155,78 +164,54 @@ class WDMixin:
     def configure_optimizers(self) -> Any:
         """Build the optimizer (and scheduler) from ``decay_rules``, ``optimizer`` and ``scheduler``.
 
+        With ``decay_optimizers``, one optimizer per entry, in its order (``self.optimizers()`` in
+        manual optimization returns them in that order).
+
         Returns:
-            The optimizer, or ``{"optimizer": ..., "lr_scheduler": ...}`` when a scheduler is configured.
+            The optimizer, or ``{"optimizer": ..., "lr_scheduler": ...}`` when a scheduler is configured;
+            with ``decay_optimizers``, a list of those, one per entry.
 
         Raises:
             TypeError: if ``optimizer`` or ``scheduler`` is not callable or does not return an
-                optimizer/scheduler.
-            ValueError: if the plan cannot be built (see :meth:`DecayPlan.from_module`).
+                optimizer/scheduler, or ``decay_optimizers`` is not a mapping of names to ``OptimizerSpec``.
+            ValueError: if the plan cannot be built (see ``DecayPlan.from_module``), or the entries of
+                ``decay_optimizers`` name unknown submodules, share a parameter or leave one out.
         """
         assert isinstance(self, torch.nn.Module)
-        factory = getattr(self, "optimizer", None)
-        if factory is None:
-            factory = _DEFAULT_OPTIMIZER
-        if isinstance(factory, Optimizer) or not callable(factory):
-            raise TypeError(
-                f"`optimizer` must be a callable that takes parameter groups (for example"
-                f" functools.partial(torch.optim.AdamW, lr=3e-4)), got {type(factory).__name__} {factory!r}."
-            )
-        given_wd, _ = _optimizer_default_wd(factory)
-        if given_wd:
-            rank_zero_warn(
-                f"`optimizer` was given weight_decay={given_wd}, but every parameter group built by WDMixin"
-                " sets its own weight_decay from `decay_rules`, so that value is ignored. Remove it from the"
-                " optimizer and set the decay in the rules."
-            )
         show = getattr(self, "show_decay_plan", True)
         contiguous = getattr(self, "contiguous_parameters", False)
         for flag, argument in ((show, "show_decay_plan"), (contiguous, "contiguous_parameters")):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{argument}` must be True or False, got {type(flag).__name__} {flag!r}. Pass a bool.")
-        rules = _resolved(self, "decay_rules")
-        options = _resolved(self, "decay_plan_options") or {}
-        _check_plan_options(options, "`decay_plan_options`")
-        try:
-            plan = DecayPlan.from_module(self, None if rules is None else _check_rules(rules, "decay_rules"), **options)
-        except PlanError as err:
-            raise PlanError(f"{err} (while planning the `decay_rules` of {type(self).__name__})") from err
-        groups = plan.param_groups(lr_scale_key=LR_SCALE_KEY)
-        optimizer = _call_factory(factory, groups, "optimizer")
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"`optimizer` returned {type(optimizer).__name__}, not a torch.optim.Optimizer. It must build the"
-                " optimizer from the parameter groups it is called with."
-            )
-        _check_all_planned(optimizer, plan)
-        _plan_added_groups(optimizer, self)
-        base_lr = _lr_attribute(self)
-        if base_lr is not None:  # Lightning's convention (the lr finder sets it): it wins over the factory's lr
-            optimizer.defaults["lr"] = base_lr
-        for g in optimizer.param_groups:
-            scale = g.pop(LR_SCALE_KEY, 1.0)
-            if base_lr is not None:
-                g["lr"] = base_lr
-            if scale != 1.0:  # the absolute lr, and no `lr_scale` key that timm's schedulers would apply again
-                g["lr"] = g["lr"] * scale
-            if "initial_lr" in g:
-                g["initial_lr"] = g["lr"]
-        self.decay_plan = plan
+        specs = _resolved(self, "decay_optimizers")
+        if specs is None:
+            spec = OptimizerSpec(None, getattr(self, "optimizer", None), None, getattr(self, "scheduler", None))
+            built = [_Built.make(self, "", spec, list(self.parameters()), [""], _lr_attribute(self))]
+            self.decay_plan = built[0].plan
+        else:
+            parts = _partition(self, _check_specs(specs))
+            base_lr = _lr_attribute(self)
+            if base_lr is not None and len(parts) > 1:
+                rank_zero_warn(
+                    f"`lr` is {base_lr}, but `decay_optimizers` builds {len(parts)} optimizers, each with the lr of"
+                    " its own `optimizer` factory; `lr` is not used. Set each entry's lr in its factory."
+                )
+                base_lr = None
+            built = [_Built.make(self, name, spec, ps, prefixes, base_lr) for name, spec, ps, prefixes in parts]
+            self.decay_plans = {b.name: b.plan for b in built}
+            self.decay_plan = built[0].plan if len(built) == 1 else None
         if show:
-            rank_zero_info(f"Weight decay plan for {type(self).__name__}:\n{plan.table()}")
-
-        scheduler = getattr(self, "scheduler", None)
-        config = (
-            optimizer
-            if scheduler is None
-            else {"optimizer": optimizer, "lr_scheduler": _build_scheduler(scheduler, optimizer)}
-        )
+            for b in built:
+                title = f"Weight decay plan for {type(self).__name__}" + (f", optimizer {b.name!r}" if b.name else "")
+                rank_zero_info(f"{title}:\n{b.plan.table()}")
+        configs = [b.config() for b in built]
         if contiguous:  # last: everything that can fail has been checked
-            for group in plan.groups:
-                for chunk in group_by_device_and_dtype(group.params):
-                    if len(chunk) > 1 and all(type(p) is torch.nn.Parameter for p in chunk):
-                        make_contiguous_(chunk)
-        return config
+            for b in built:
+                for group in b.plan.groups:
+                    for chunk in group_by_device_and_dtype(group.params):
+                        if len(chunk) > 1 and all(type(p) is torch.nn.Parameter for p in chunk):
+                            make_contiguous_(chunk)
+        return configs[0] if specs is None else configs
 
     def on_train_start(self) -> None:
         """Give λ back to ``weight_decay`` in groups restored from a checkpoint of an older release.
@@ -251,7 +236,249 @@ class WDMixin:
             )
 
 
-def _plan_added_groups(optimizer: Optimizer, module: torch.nn.Module) -> None:
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One of several optimizers of a ``WDMixin`` module: which submodules it trains, and how.
+
+    Give them as the module's ``decay_optimizers``, a mapping from the name you choose to a spec. The
+    name is the optimizer's in the parameter groups (``"generator/decay"``) and in the logged metrics
+    (``wd/generator/decay/param_norm``).
+
+    Args:
+        modules: The submodules this optimizer trains: an attribute path (``"generator"``,
+            ``"backbone.head"``), a list of them, or None for every trainable parameter that no other
+            entry takes (at most one entry). Each trainable parameter must belong to exactly one entry.
+        optimizer: A callable taking parameter groups and returning the optimizer (LightningCLI's
+            ``OptimizerCallable``); None uses the module's ``optimizer``, else ``AdamW(lr=1e-3)``.
+        rules: Decay rules for these parameters; None uses the module's ``decay_rules`` (default
+            ``presets.standard()``). The rules are resolved over the whole model, so names, tied
+            parameters and ``no_weight_decay()`` hooks are the model's, and the groups keep the
+            parameters of ``modules``.
+        scheduler: A callable taking the optimizer and returning a scheduler, or a Lightning scheduler
+            config dict, as the module's ``scheduler``; None for none.
+        plan_options: Options for ``DecayPlan.from_module``; None uses the module's ``decay_plan_options``.
+
+    Raises:
+        TypeError: on a value of the wrong type (named in the message).
+
+    Example::
+
+        >>> import torch, lightning as L, lightning_wd as lwd
+        >>> from functools import partial
+        >>> class GAN(lwd.WDMixin, L.LightningModule):
+        ...     decay_optimizers = {
+        ...         "generator": lwd.OptimizerSpec("generator", partial(torch.optim.Adam, lr=2e-4)),
+        ...         "discriminator": lwd.OptimizerSpec("discriminator", partial(torch.optim.Adam, lr=1e-4)),
+        ...     }
+        ...     show_decay_plan = False
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.automatic_optimization = False
+        ...         self.generator = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.LayerNorm(4))
+        ...         self.discriminator = torch.nn.Linear(4, 1)
+        >>> [[g["name"] for g in c.param_groups] for c in GAN().configure_optimizers()]
+        [['generator/no_decay', 'generator/decay'], ['discriminator/no_decay', 'discriminator/decay']]
+    """
+
+    modules: str | Sequence[str] | None = None
+    optimizer: Callable[..., Optimizer] | None = None
+    rules: Sequence[DecayRule] | None = None
+    scheduler: Any = None
+    plan_options: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        modules = self.modules
+        paths = [modules] if isinstance(modules, str) else modules
+        if paths is not None and (
+            not isinstance(paths, Sequence) or not paths or not all(isinstance(m, str) for m in paths)
+        ):
+            raise TypeError(
+                f"`modules` must be an attribute path of a submodule (such as 'generator'), a non-empty list of them,"
+                f" or None for the parameters no other optimizer takes; got {type(modules).__name__} {modules!r}."
+            )
+        if self.optimizer is not None and (isinstance(self.optimizer, Optimizer) or not callable(self.optimizer)):
+            raise TypeError(
+                f"`optimizer` must be a callable that takes parameter groups (for example"
+                f" functools.partial(torch.optim.Adam, lr=2e-4)) or None, got {type(self.optimizer).__name__}"
+                f" {self.optimizer!r}."
+            )
+        if self.rules is not None:
+            object.__setattr__(self, "rules", list(_check_rules(self.rules, "rules")))
+        if self.plan_options is not None:
+            _check_plan_options(self.plan_options, "`plan_options`")
+
+    @property
+    def paths(self) -> list[str] | None:
+        """``modules`` as a list of attribute paths (None for the rest)."""
+        return [self.modules] if isinstance(self.modules, str) else None if self.modules is None else list(self.modules)
+
+
+def _check_specs(specs: Any) -> list[tuple[str, OptimizerSpec]]:
+    if not isinstance(specs, Mapping) or not specs:
+        raise TypeError(
+            f"`decay_optimizers` must be a non-empty mapping from the optimizer's name to lwd.OptimizerSpec, such as"
+            f" {{'generator': lwd.OptimizerSpec('generator'), 'discriminator': lwd.OptimizerSpec('discriminator')}};"
+            f" got {type(specs).__name__} {specs!r}."
+        )
+    out = []
+    for name, spec in specs.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise TypeError(
+                f"`decay_optimizers` keys are the optimizers' names (non-empty strings without '/'), got {name!r}."
+            )
+        if not isinstance(spec, OptimizerSpec):
+            raise TypeError(
+                f"`decay_optimizers[{name!r}]` must be an lwd.OptimizerSpec, got {type(spec).__name__} {spec!r}."
+                f" Write lwd.OptimizerSpec(modules=..., optimizer=..., rules=...)."
+            )
+        out.append((name, spec))
+    rest = [n for n, s in out if s.modules is None]
+    if len(rest) > 1:
+        raise TypeError(
+            f"`decay_optimizers` entries {rest} all have modules=None (the parameters no other entry takes); at most"
+            " one can. Give the others their submodules."
+        )
+    return out
+
+
+def _partition(
+    module: torch.nn.Module, specs: list[tuple[str, OptimizerSpec]]
+) -> list[tuple[str, OptimizerSpec, Sequence[torch.Tensor], list[str]]]:
+    """Each entry's trainable parameters (by identity, registration order), checked to cover the model once."""
+    options = {**(_resolved(module, "decay_plan_options") or {})}
+    trainable = [
+        (n, p) for n, p in module.named_parameters() if p.requires_grad or options.get("include_frozen", False)
+    ]
+    owner: dict[int, str] = {}
+    chosen: dict[str, set[int]] = {}
+    for name, spec in specs:
+        if spec.paths is None:
+            continue
+        ids: set[int] = set()
+        for path in spec.paths:
+            try:
+                sub = module.get_submodule(path)
+            except AttributeError:
+                children = [n for n, _ in module.named_children()]
+                raise ValueError(
+                    f"`decay_optimizers[{name!r}]` names submodule {path!r}, which {type(module).__name__} does not"
+                    f" have. Use an attribute path such as one of {children}."
+                ) from None
+            ids.update(id(p) for p in sub.parameters())
+        for pname, p in trainable:
+            if id(p) in ids and owner.setdefault(id(p), name) != name:
+                raise ValueError(
+                    f"Parameter {pname!r} belongs to both optimizer {owner[id(p)]!r} and {name!r} in"
+                    " `decay_optimizers`: it would be stepped and decayed twice. Give each submodule to one entry"
+                    " (a tied weight goes with one of its owners)."
+                )
+        chosen[name] = ids
+    rest = next((n for n, s in specs if s.paths is None), None)
+    left = [pname for pname, p in trainable if id(p) not in owner]
+    if left and rest is None:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        raise ValueError(
+            f"`decay_optimizers` leaves {len(left)} trainable parameter(s) out of every optimizer ({shown}): they"
+            " would never be trained. Add their submodules to an entry, give one entry modules=None (the rest), or"
+            " freeze them (requires_grad=False)."
+        )
+    out: list[tuple[str, OptimizerSpec, Sequence[torch.Tensor], list[str]]] = []
+    for name, spec in specs:
+        if spec.paths is None:
+            params = [p for _, p in trainable if id(p) not in owner]
+            prefixes = [""]
+        else:
+            params = [p for _, p in trainable if owner.get(id(p)) == name]
+            prefixes = spec.paths
+        if not params:
+            raise ValueError(
+                f"`decay_optimizers[{name!r}]` has no trainable parameter (modules={spec.modules!r}); torch cannot"
+                " build an optimizer over nothing. Remove the entry or give it a submodule with trainable parameters."
+            )
+        out.append((name, spec, params, prefixes))
+    return out
+
+
+@dataclass
+class _Built:
+    """One optimizer built from its plan, with its scheduler config."""
+
+    name: str
+    plan: DecayPlan
+    optimizer: Optimizer
+    scheduler: Any
+
+    @classmethod
+    def make(
+        cls,
+        module: torch.nn.Module,
+        name: str,
+        spec: OptimizerSpec,
+        params: Sequence[torch.Tensor] | None,
+        prefixes: list[str],
+        base_lr: float | None,
+    ) -> _Built:
+        where = f"decay_optimizers[{name!r}]." if name else ""
+        factory = spec.optimizer or getattr(module, "optimizer", None) or _DEFAULT_OPTIMIZER
+        if isinstance(factory, Optimizer) or not callable(factory):
+            raise TypeError(
+                f"`{where}optimizer` must be a callable that takes parameter groups (for example"
+                f" functools.partial(torch.optim.AdamW, lr=3e-4)), got {type(factory).__name__} {factory!r}."
+            )
+        given_wd, _ = _optimizer_default_wd(factory)
+        if given_wd:
+            rank_zero_warn(
+                f"`{where}optimizer` was given weight_decay={given_wd}, but every parameter group built by WDMixin"
+                " sets its own weight_decay from the decay rules, so that value is ignored. Remove it from the"
+                " optimizer and set the decay in the rules."
+            )
+        rules = spec.rules if spec.rules is not None else _resolved(module, "decay_rules")
+        options = spec.plan_options if spec.plan_options is not None else _resolved(module, "decay_plan_options")
+        options = options or {}
+        _check_plan_options(options, f"`{where}plan_options`" if name else "`decay_plan_options`")
+        try:
+            plan = DecayPlan.from_module(
+                module, None if rules is None else _check_rules(rules, "decay_rules"), **options
+            )
+        except PlanError as err:
+            what = f"the rules of optimizer {name!r}" if name else "the `decay_rules`"
+            raise PlanError(f"{err} (while planning {what} of {type(module).__name__})") from err
+        if params is not None:
+            plan = plan._subset(params, prefixes)
+        groups = plan.param_groups(lr_scale_key=LR_SCALE_KEY)
+        if name:
+            for g in groups:
+                g["name"] = f"{name}/{g['name']}"
+        optimizer = _call_factory(factory, groups, f"{where}optimizer")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"`{where}optimizer` returned {type(optimizer).__name__}, not a torch.optim.Optimizer. It must build"
+                " the optimizer from the parameter groups it is called with."
+            )
+        _check_all_planned(optimizer, plan)
+        _plan_added_groups(optimizer, module, rules, options, name)
+        if base_lr is not None:  # Lightning's convention (the lr finder sets it): it wins over the factory's lr
+            optimizer.defaults["lr"] = base_lr
+        for g in optimizer.param_groups:
+            scale = g.pop(LR_SCALE_KEY, 1.0)
+            if base_lr is not None:
+                g["lr"] = base_lr
+            if scale != 1.0:  # the absolute lr, and no `lr_scale` key that timm's schedulers would apply again
+                g["lr"] = g["lr"] * scale
+            if "initial_lr" in g:
+                g["initial_lr"] = g["lr"]
+        scheduler = None if spec.scheduler is None else _build_scheduler(spec.scheduler, optimizer, where)
+        return cls(name, plan, optimizer, scheduler)
+
+    def config(self) -> Any:
+        return (
+            self.optimizer if self.scheduler is None else {"optimizer": self.optimizer, "lr_scheduler": self.scheduler}
+        )
+
+
+def _plan_added_groups(
+    optimizer: Optimizer, module: torch.nn.Module, rules: Any, options: Mapping[str, Any], prefix: str
+) -> None:
     """Make groups added during training (``BaseFinetuning.unfreeze_and_add_param_group``) follow the rules.
 
     This optimizer's ``add_param_group`` splits a group added without its own ``weight_decay`` into one
@@ -267,13 +494,20 @@ def _plan_added_groups(optimizer: Optimizer, module: torch.nn.Module) -> None:
         if not isinstance(param_group, dict) or owner is None:
             type(self).add_param_group(self, param_group)
             return
-        for group in _split_by_rules(owner, self, param_group):
+        for group in _split_by_rules(owner, self, param_group, rules, options, prefix):
             type(self).add_param_group(self, group)
 
     optimizer.add_param_group = types.MethodType(add_param_group, optimizer)  # type: ignore[method-assign]
 
 
-def _split_by_rules(module: torch.nn.Module, optimizer: Optimizer, param_group: dict[str, Any]) -> list[dict[str, Any]]:
+def _split_by_rules(
+    module: torch.nn.Module,
+    optimizer: Optimizer,
+    param_group: dict[str, Any],
+    rules: Any,
+    options: Mapping[str, Any],
+    prefix: str,
+) -> list[dict[str, Any]]:
     params = param_group.get("params", [])
     params = [params] if isinstance(params, torch.Tensor) else list(params)
     names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
@@ -282,10 +516,11 @@ def _split_by_rules(module: torch.nn.Module, optimizer: Optimizer, param_group: 
         group["param_names"] = [names.get(id(p), f"added.{i}") for i, p in enumerate(params)]
     if "weight_decay" in param_group or not params:
         return [group]
-    options = {**(_resolved(module, "decay_plan_options") or {}), "include_frozen": True}
-    plan = DecayPlan.from_module(module, _resolved(module, "decay_rules"), **options)
+    plan = DecayPlan.from_module(module, rules, **{**options, "include_frozen": True})
     of = {id(p): g for g in plan.groups for p in g.params}
     label = str(param_group.get("name", f"pg{len(optimizer.param_groups) + 1}"))
+    if prefix and not label.startswith(prefix + "/"):
+        label = f"{prefix}/{label}"
     split: dict[str, list[torch.Tensor]] = {}
     for p in params:
         planned = of.get(id(p))
@@ -344,24 +579,24 @@ def _check_all_planned(optimizer: Optimizer, plan: DecayPlan) -> None:
         )
 
 
-def _build_scheduler(scheduler: Any, optimizer: Optimizer) -> Any:
+def _build_scheduler(scheduler: Any, optimizer: Optimizer, where: str = "") -> Any:
     if isinstance(scheduler, Mapping):
         config = dict(scheduler)
         inner = config.get("scheduler")
         if inner is None:
             raise ValueError(
-                f"`scheduler` config {scheduler!r} has no 'scheduler' key. Use"
+                f"`{where}scheduler` config {scheduler!r} has no 'scheduler' key. Use"
                 " {'scheduler': callable_or_scheduler, 'interval': 'step', ...} as Lightning does."
             )
         if callable(inner) and not _is_scheduler(inner):
-            config["scheduler"] = _call_scheduler(inner, optimizer)
+            config["scheduler"] = _call_scheduler(inner, optimizer, where)
         return config
     if _is_scheduler(scheduler):
         return scheduler
     if callable(scheduler):
-        return _call_scheduler(scheduler, optimizer)
+        return _call_scheduler(scheduler, optimizer, where)
     raise TypeError(
-        f"`scheduler` must be None, a callable taking the optimizer (for example"
+        f"`{where}scheduler` must be None, a callable taking the optimizer (for example"
         f" functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=100)) or a Lightning scheduler"
         f" config dict, got {type(scheduler).__name__} {scheduler!r}."
     )
@@ -377,7 +612,7 @@ def _call_factory(factory: Callable[[Any], Any], arg: Any, argument: str) -> Any
         return factory(arg)
     except (TypeError, ValueError) as err:
         kind = TypeError if isinstance(err, TypeError) else ValueError
-        what = "parameter groups" if argument == "optimizer" else "optimizer"
+        what = "parameter groups" if argument.endswith("optimizer") else "optimizer"
         raise kind(
             f"`{argument}` raised {type(err).__name__}({err}) when called with the {what}. Make it a callable that"
             f" takes the {what} alone and has valid values for everything else (bind them with functools.partial,"
@@ -385,8 +620,10 @@ def _call_factory(factory: Callable[[Any], Any], arg: Any, argument: str) -> Any
         ) from err
 
 
-def _call_scheduler(factory: Callable[[Optimizer], Any], optimizer: Optimizer) -> Any:
-    sched = _call_factory(factory, optimizer, "scheduler")
+def _call_scheduler(factory: Callable[[Optimizer], Any], optimizer: Optimizer, where: str = "") -> Any:
+    sched = _call_factory(factory, optimizer, f"{where}scheduler")
     if not hasattr(sched, "step"):
-        raise TypeError(f"`scheduler` returned {type(sched).__name__}, which has no step(); return an LR scheduler.")
+        raise TypeError(
+            f"`{where}scheduler` returned {type(sched).__name__}, which has no step(); return an LR scheduler."
+        )
     return sched

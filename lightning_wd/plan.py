@@ -551,6 +551,31 @@ class DecayPlan:
 
         return cls(rules_t, tuple(groups), unclaimed, frozen, records, index)
 
+    def _subset(self, params: Sequence[Tensor], prefixes: Sequence[str]) -> DecayPlan:
+        """The part of this plan over ``params`` (by identity); frozen names kept under ``prefixes``.
+
+        Used to give each of several optimizers the groups of its own submodules, planned over the whole
+        model (so names, ties and ``no_weight_decay()`` hooks are the model's).
+        """
+        keep = {id(p) for p in params}
+        groups = []
+        for g in self.groups:
+            pairs = [(p, n) for p, n in zip(g.params, g.param_names, strict=True) if id(p) in keep]
+            if pairs:
+                groups.append(
+                    PlanGroup(
+                        name=g.name,
+                        weight_decay=g.weight_decay,
+                        lr_scale=g.lr_scale,
+                        rules=g.rules,
+                        params=tuple(p for p, _ in pairs),
+                        param_names=tuple(n for _, n in pairs),
+                    )
+                )
+        records = [r for r in self._records if id(r[0]) in keep]
+        frozen = tuple(n for n in self.frozen if any(n == p or n.startswith(p + ".") for p in prefixes))
+        return type(self)(self.rules, tuple(groups), self.unclaimed_rules, frozen, records)
+
     # ------------------------------------------------------------------ views
     def param_groups(self, lr: float | None = None, *, lr_scale_key: str | None = None) -> list[dict[str, Any]]:
         """Torch-ready parameter groups.
@@ -912,6 +937,7 @@ def build_param_groups(
     rules: Sequence[DecayRule] | None = None,
     *,
     lr: float | None = None,
+    prefix: str | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Resolve ``rules`` over ``module`` and return torch-ready parameter groups.
@@ -921,6 +947,9 @@ def build_param_groups(
         rules: Rules in priority order; None means :func:`lightning_wd.presets.standard`.
         lr: The optimizer's base learning rate (a finite number >= 0), to write the absolute ``lr``
             into groups whose rule scales it; needed when a rule has ``lr_scale != 1``.
+        prefix: Name the groups ``"<prefix>/<group>"``: with several optimizers (a GAN's generator
+            and discriminator), each optimizer's groups, and the metrics logged for them
+            (``wd/generator/decay/param_norm``), then say which optimizer they belong to.
         **options: Passed to :meth:`DecayPlan.from_module` (``include_frozen``, ``strict``,
             ``default_weight_decay``, ``default_group``, ``respect_no_weight_decay``, ``merge``).
 
@@ -931,7 +960,8 @@ def build_param_groups(
         ``DecayPlan.from_module(...).param_groups(lr_scale_key=...)``.
 
     Raises:
-        TypeError: on an unknown option, a module/rules of the wrong type, or an ``lr`` that is not a number.
+        TypeError: on an unknown option, a module/rules of the wrong type, an ``lr`` that is not a number, or a
+            ``prefix`` that is not a non-empty string.
         ValueError: as :meth:`DecayPlan.from_module`; on an ``lr`` that is negative or not finite, or
             None while a rule scales the learning rate.
 
@@ -943,7 +973,18 @@ def build_param_groups(
         >>> [(g["name"], g["weight_decay"], g["param_names"]) for g in groups]
         [('no_decay', 0.0, ['0.weight', '1.bias']), ('decay', 0.1, ['1.weight'])]
         >>> optimizer = torch.optim.AdamW(groups, lr=1e-3)
+        >>> [g["name"] for g in lwd.build_param_groups(model, lwd.presets.standard(0.1), prefix="generator")]
+        ['generator/no_decay', 'generator/decay']
     """
     _check_plan_options(options, "build_param_groups()")
     _check_lr(lr)  # before the plan is built
-    return DecayPlan.from_module(module, rules, **options).param_groups(lr=lr)
+    if prefix is not None and (not isinstance(prefix, str) or not prefix):
+        raise TypeError(
+            f"`prefix` must be a non-empty string naming the optimizer (such as 'generator') or None, got"
+            f" {type(prefix).__name__} {prefix!r}."
+        )
+    groups = DecayPlan.from_module(module, rules, **options).param_groups(lr=lr)
+    if prefix is not None:
+        for g in groups:
+            g["name"] = f"{prefix}/{g['name']}"
+    return groups
