@@ -10,6 +10,13 @@ The role predicates (:func:`is_embedding`, :func:`is_normalization`, :func:`is_b
 :func:`is_linear_weight`) are public so that custom rule lists can reuse them. They take a rule
 predicate's arguments, ``(name, param, module)``: the canonical name (a string), the tensor and
 the module holding it; anything else is refused with a TypeError naming the argument.
+
+When the plan is built with an example input (``DecayPlan.from_module(..., example_inputs=...)``),
+a parameter that the traced forward pass used takes its role from that use
+(:mod:`lightning_wd.trace`): ``is_linear_weight`` is true exactly for the weights of linear maps,
+``is_embedding`` for tables looked up by data, and ``is_normalization``/``is_bias`` never claim
+either. Parameters the forward did not touch, and every parameter without a trace, are decided
+from structure as described here. :func:`role_of` gives the role the predicates act on.
 """
 
 from __future__ import annotations
@@ -22,8 +29,19 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_wd.rules import DecayRule, param_ndim
+from lightning_wd.trace import TracedRole, active_trace
 
-__all__ = ["gpt", "is_bias", "is_embedding", "is_linear_weight", "is_normalization", "none", "standard", "uniform"]
+__all__ = [
+    "gpt",
+    "is_bias",
+    "is_embedding",
+    "is_linear_weight",
+    "is_normalization",
+    "none",
+    "role_of",
+    "standard",
+    "uniform",
+]
 
 _TORCH_NORMS: tuple[type, ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 _TORCH_EMBEDDINGS: tuple[type, ...] = (nn.Embedding, nn.EmbeddingBag)
@@ -114,6 +132,17 @@ def _check_role_args(name: object, param: object, module: object) -> None:
         )
 
 
+def _traced(param: Tensor) -> TracedRole | None:
+    """The role of ``param`` in the trace the plan is being resolved with, if there is one and it used ``param``."""
+    trace = active_trace()
+    return None if trace is None else trace.get(param)
+
+
+def _traced_as_map_or_table(param: Tensor) -> bool:
+    traced = _traced(param)
+    return traced is not None and traced.role != "other"
+
+
 def is_embedding(name: str, param: Tensor, module: nn.Module) -> bool:
     """Whether ``param`` is held by an embedding table (torch's, or any class named like one).
 
@@ -131,6 +160,9 @@ def is_embedding(name: str, param: Tensor, module: nn.Module) -> bool:
         True
     """
     _check_role_args(name, param, module)
+    traced = _traced(param)
+    if traced is not None:
+        return traced.role == "embedding"
     return _is_embedding(module)
 
 
@@ -160,6 +192,8 @@ def is_normalization(name: str, param: Tensor, module: nn.Module) -> bool:
         True
     """
     _check_role_args(name, param, module)
+    if _traced_as_map_or_table(param):
+        return False
     return _is_normalization(module)
 
 
@@ -189,6 +223,8 @@ def is_bias(name: str, param: Tensor, module: nn.Module) -> bool:
         TypeError: `name` must be the parameter's name as a string, got Parameter ...
     """
     _check_role_args(name, param, module)
+    if _traced_as_map_or_table(param):
+        return False
     return _is_bias(name)
 
 
@@ -209,7 +245,9 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
     parametrizes (``x.weight``, or the direction ``x.weight.original1`` of ``weight_norm``,
     whose magnitude ``original0`` is a scale). Biases, normalization and embedding parameters,
     tensors with fewer than two dimensions, and free-standing tokens, position tables and
-    scales are never linear weights.
+    scales are never linear weights. When the plan traced a forward pass that used ``param``, the
+    trace decides instead: true exactly when ``param`` (or a tensor computed from parameters alone,
+    such as a weight-normalized or low-rank-merged matrix) was the weight operand of a linear map.
 
     Raises:
         TypeError: if ``name`` is not a string, ``param`` not a tensor or ``module`` not an ``nn.Module``.
@@ -229,6 +267,13 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
         False
     """
     _check_role_args(name, param, module)
+    traced = _traced(param)
+    if traced is not None:
+        return traced.role == "linear"
+    return _is_structural_linear_weight(name, param, module)
+
+
+def _is_structural_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
     if param_ndim(param) < 2:
         return False
     if _is_bias(name) or _is_normalization(module) or _is_embedding(module):
@@ -263,6 +308,34 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
     return param_ndim(param) >= 3 and shape[0] > 1
 
 
+def role_of(name: str, param: Tensor, module: nn.Module) -> str:
+    """The role of a parameter: ``"linear"`` (the weight of a linear map), ``"embedding"`` or ``"other"``.
+
+    Taken from the trace the plan is being resolved with when its forward pass used ``param``, else
+    from structure: ``"embedding"`` for the tables of embedding layers, ``"linear"`` where
+    ``is_linear_weight`` holds, ``"other"`` for everything else (normalization parameters, biases,
+    tokens, position tables, scales). ``DecayRule(roles=...)`` matches on it.
+
+    Raises:
+        TypeError: if ``name`` is not a string, ``param`` not a tensor or ``module`` not an ``nn.Module``.
+
+    Examples:
+        >>> import torch
+        >>> emb, lin = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4)
+        >>> role_of("wte.weight", emb.weight, emb), role_of("fc.weight", lin.weight, lin)
+        ('embedding', 'linear')
+        >>> role_of("fc.bias", lin.bias, lin)
+        'other'
+    """
+    _check_role_args(name, param, module)
+    traced = _traced(param)
+    if traced is not None:
+        return traced.role
+    if _is_embedding(module):
+        return "embedding"
+    return "linear" if _is_structural_linear_weight(name, param, module) else "other"
+
+
 def standard(weight_decay: float = 0.05, *, lr_scale: float = 1.0) -> list[DecayRule]:
     """Decay exactly the weight matrices and kernels of linear maps; nothing else.
 
@@ -270,7 +343,9 @@ def standard(weight_decay: float = 0.05, *, lr_scale: float = 1.0) -> list[Decay
     ``embedding``, ``normalization`` and ``bias`` (no decay, group ``no_decay``), then
     ``linear`` (``weight_decay``, group ``decay``). Everything else (free tokens, position
     tables, layer-scale gammas, temperatures) is claimed by no rule and lands in the
-    default ``no_decay`` group. Put your own rules before these to override them.
+    default ``no_decay`` group. Put your own rules before these to override them. With an example
+    input (``example_inputs=`` or a LightningModule's ``example_input_array``), the same rules act on
+    the roles the forward pass shows (see the module docstring), and on structure for the rest.
 
     Args:
         weight_decay: λ for the linear weights.

@@ -303,6 +303,10 @@ class DecayRule:
         max_ndim: Match only parameters with at most this many dimensions.
         predicate: ``(name, parameter, owner) -> bool``. Use a module-level function so that the
             rule pickles.
+        roles: Match only parameters with one of these roles: ``"linear"`` (the weight of a linear
+            map), ``"embedding"`` (a table looked up by data) or ``"other"``. The role comes from the
+            forward pass when the plan traced one that used the parameter (``example_inputs=``),
+            else from structure (``lightning_wd.presets.role_of``).
         lr_scale: Multiplier applied to the optimizer's learning rate for this rule's group.
         group: Name of the parameter group; rules sharing a group must agree on ``weight_decay``
             and ``lr_scale``. Defaults to ``name``.
@@ -349,6 +353,7 @@ class DecayRule:
     lr_scale: float = field(default=1.0, kw_only=True)
     group: str | None = field(default=None, kw_only=True)
     optional: bool = field(default=False, kw_only=True)
+    roles: str | Sequence[str] | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         self._validate(resolve=True)
@@ -360,6 +365,7 @@ class DecayRule:
         object.__setattr__(self, "lr_scale", _check_number(self.lr_scale, "lr_scale", positive=True))
         object.__setattr__(self, "modules", _check_modules(self.modules, resolve=resolve))
         object.__setattr__(self, "params", _check_params(self.params))
+        object.__setattr__(self, "roles", _check_roles(self.roles))
         _check_ndim(self.min_ndim, "min_ndim")
         _check_ndim(self.max_ndim, "max_ndim")
         if self.min_ndim is not None and self.max_ndim is not None and self.min_ndim > self.max_ndim:
@@ -498,6 +504,8 @@ class DecayRule:
             return False
         if self.modules is not None and not self.matches_module(module):
             return False
+        if self.roles is not None and _role(name, param, module) not in self.roles:
+            return False
         return self.predicate is None or bool(self.predicate(name, param, module))
 
     # Pickled state: the declared fields only (the cached matchers are derived), in plain data: classes as
@@ -508,6 +516,8 @@ class DecayRule:
             state["modules"] = tuple(map(_encode_module, _as_tuple(self.modules)))
         if self.params is not None:
             state["params"] = tuple(map(_encode_param, _as_tuple(self.params)))
+        if self.roles is None:  # the state of a rule without it is the one older releases wrote
+            del state["roles"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -584,6 +594,33 @@ def _check_module_class(path: str) -> None:
             f"`modules` entry {path!r} resolves to {cls!r}, not a torch.nn.Module subclass. Give a"
             " module class such as 'torch.nn.Linear', or a glob on class names such as '*Norm*'."
         )
+
+
+#: The roles ``DecayRule(roles=...)`` accepts.
+ROLE_NAMES = ("linear", "embedding", "other")
+
+
+def _check_roles(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    roles = (value,) if isinstance(value, str) else value
+    if not isinstance(roles, (tuple, list)) or not roles:
+        raise TypeError(
+            f"`roles` must be a role or a non-empty list of roles, got {type(value).__name__} {value!r}. Pass for"
+            f" example 'linear' or ['embedding', 'other']; the roles are {', '.join(ROLE_NAMES)}."
+        )
+    for role in roles:
+        if role not in ROLE_NAMES:
+            raise ValueError(
+                f"`roles` entry {role!r} is not a role; use any of the following: {', '.join(ROLE_NAMES)}."
+            )
+    return tuple(roles)
+
+
+def _role(name: str, param: Tensor, module: nn.Module) -> str:
+    from lightning_wd.presets import role_of  # presets build on rules: imported when first matched
+
+    return role_of(name, param, module)
 
 
 def _check_params(value: Any) -> tuple[ParamSpec, ...] | None:

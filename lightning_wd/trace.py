@@ -1,0 +1,524 @@
+"""Parameter roles observed in one forward pass (pure torch).
+
+A parameter's role is a fact about the computation: the weight operand of a linear map, a table
+looked up by data, or anything else (added, multiplied, normalized, concatenated as a token, a
+gate or a scale). :func:`trace_roles` runs the module's forward once, without grad, under a
+``torch.overrides.TorchFunctionMode`` that sees every torch function, and records for each
+parameter how it meets the data:
+
+* ``"linear"``: the weight of ``linear``, ``conv*``, ``conv_transpose*``, ``bilinear``; an operand
+  of ``matmul``/``mm``/``bmm``/``addmm``/``baddbmm``/grouped matmuls, or of ``einsum`` with an index
+  contracted against data; a weight of the fused recurrent and attention kernels.
+* ``"embedding"``: the table of ``embedding``/``embedding_bag``, or a tensor indexed by data
+  (``table[ids]``, ``index_select``, ``gather``). A weight tied between an embedding and an output
+  head is an embedding.
+* ``"other"``: any other use against data.
+
+Parameter-only math is followed back to the parameters: views, reshapes, transposes, chunks,
+casts, parametrizations, weight norm (whose magnitude is a scale, ``"other"``) and low-rank merges
+(``A @ B`` used as a weight makes both linear). A stack of matrices indexed by data (the experts of
+a mixture of experts) takes the role of the rows it gives.
+
+The pass runs on the ``meta`` device where it can (the parameters and inputs are replaced by
+shape-only tensors, so a large model costs no memory) and on the module's own device when an op
+has no meta kernel or the forward needs real values. The model is not modified: parameters are
+swapped only for the duration of the call (``torch.func.functional_call``), buffers are replaced
+by copies, training mode and hooks are left as they are, and the random number generators are
+restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import inspect
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakTensorKeyDictionary
+
+__all__ = ["ROLES", "ParamUse", "RoleTrace", "TraceError", "TracedRole", "trace_roles"]
+
+Role = Literal["linear", "embedding", "other"]
+#: The roles a trace assigns, in the order that decides between several uses of one parameter.
+ROLES: tuple[Role, ...] = ("embedding", "linear", "other")
+Device = Literal["auto", "meta", "module"]
+_DEVICES = ("auto", "meta", "module")
+
+#: Layer ops: the position and keyword of their weight operand (every other operand is "other").
+_LAYER_OPS: dict[str, tuple[int, str]] = {
+    **{name: (1, "weight") for name in ("linear", "convolution", "_convolution", "conv_tbc")},
+    **{f"conv{d}d": (1, "weight") for d in (1, 2, 3)},
+    **{f"conv_transpose{d}d": (1, "weight") for d in (1, 2, 3)},
+    "bilinear": (2, "weight"),
+}
+#: Matrix products: every operand is the matrix of a linear map, except the additive one of ``add*``.
+_MATMUL_OPS = frozenset(
+    {"matmul", "mm", "bmm", "mv", "tensordot", "chain_matmul", "multi_dot", "grouped_mm", "_grouped_mm"}
+    | {"_scaled_grouped_mm", "addmm", "addbmm", "baddbmm", "addmv"}
+)
+_ADDITIVE_OPS = frozenset({"addmm", "addbmm", "baddbmm", "addmv"})
+_EMBEDDING_OPS = frozenset({"embedding", "embedding_bag"})
+#: Lookups of ``self`` by an index tensor.
+_INDEX_OPS = frozenset({"getitem", "index_select", "take", "gather", "take_along_dim"})
+#: Fused recurrent and attention kernels: operands of two or more dimensions are weights.
+_FUSED_OPS = frozenset(
+    {"lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"}
+    | {"_native_multi_head_attention", "_transformer_encoder_layer_fwd", "_thnn_fused_lstm_cell"}
+    | {"_thnn_fused_gru_cell"}
+)
+#: Ops whose tensor operands other than ``self`` give only a dtype, device or shape.
+_LIKE_OPS = frozenset({"type_as", "expand_as", "view_as", "reshape_as", "to", "broadcast_to"})
+#: Ops whose result holds none of the values of their operands.
+_FRESH_OPS = frozenset(
+    {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like"}
+    | {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
+)
+#: Elementwise ops in which a broadcast operand of parameter-only math is a scale (weight norm's magnitude).
+_ELEMENTWISE_OPS = frozenset(
+    {"mul", "div", "truediv", "add", "sub", "multiply", "divide", "true_divide", "_weight_norm"}
+)
+#: Shown names of ops whose Python name says little.
+_SHOWN = {
+    "getitem": "indexing",
+    "multi_head_attention_forward": "multi_head_attention",
+    "truediv": "div",
+    "true_divide": "div",
+    "multiply": "mul",
+    "divide": "div",
+}
+
+_ACTIVE: contextvars.ContextVar[RoleTrace | None] = contextvars.ContextVar("lightning_wd_trace", default=None)
+
+
+class TraceError(ValueError):
+    """The forward pass of a trace failed on every device tried."""
+
+
+@dataclass(frozen=True)
+class ParamUse:
+    """One kind of use of a parameter in the traced forward pass.
+
+    Attributes:
+        role: The role this use gives (``"linear"``, ``"embedding"`` or ``"other"``).
+        op: The torch function, by its short name (``linear``, ``matmul``, ``embedding``, ``add``...).
+        calls: In how many calls of ``op`` the parameter (or a tensor computed from it alone) took part.
+    """
+
+    role: Role
+    op: str
+    calls: int
+
+    def describe(self) -> str:
+        """This use in words, such as ``weight of `linear` in 2 calls``."""
+        what = {"linear": "weight of", "embedding": "looked up by", "other": "operand of"}[self.role]
+        if self.role == "embedding" and self.op == "indexing":
+            what, op = "indexed by data", ""
+        else:
+            op = f" `{self.op}`"
+        return f"{what}{op} in {self.calls} call{'s' if self.calls != 1 else ''}"
+
+
+@dataclass(frozen=True)
+class TracedRole:
+    """The role of one parameter in the traced forward pass, with the uses that show it.
+
+    Attributes:
+        role: ``"embedding"`` if any use looks it up, else ``"linear"`` if any use is the weight of a
+            linear map, else ``"other"``.
+        uses: Every kind of use, those that decided the role first.
+    """
+
+    role: Role
+    uses: tuple[ParamUse, ...]
+
+    @property
+    def evidence(self) -> str:
+        """The uses in words: ``weight of `linear` in 2 calls``, then any other use after ``also``."""
+        deciding = [u.describe() for u in self.uses if u.role == self.role]
+        others = [u.describe() for u in self.uses if u.role != self.role]
+        return ", ".join(deciding) + (f"; also {', '.join(others)}" if others else "")
+
+
+class RoleTrace:
+    """The roles of a module's parameters, observed in one forward pass (build it with :func:`trace_roles`).
+
+    Parameters are identified by identity, so the trace of a module applies to the same module
+    however it is wrapped. A parameter the forward pass did not use has no traced role: rules
+    decide it from structure.
+
+    Attributes:
+        device: Where the pass ran: ``"meta"``, or the module's device (``"cpu"``, ``"cuda:0"``).
+        fallback: Why the pass did not run on the meta device (the error it raised there), or None.
+    """
+
+    def __init__(
+        self, roles: Mapping[int, TracedRole], params: tuple[nn.Parameter, ...], device: str, fallback: str | None
+    ) -> None:
+        self._roles = dict(roles)
+        self._params = params  # held, so that the ids stay theirs
+        self.device = device
+        self.fallback = fallback
+
+    def get(self, param: Tensor) -> TracedRole | None:
+        """The traced role of ``param``, or None when the forward pass did not use it."""
+        return self._roles.get(id(param))
+
+    def __contains__(self, param: object) -> bool:
+        return id(param) in self._roles
+
+    def __len__(self) -> int:
+        return len(self._roles)
+
+    @property
+    def untraced(self) -> tuple[nn.Parameter, ...]:
+        """The module's parameters that the forward pass did not use, in registration order."""
+        return tuple(p for p in self._params if id(p) not in self._roles)
+
+    def __repr__(self) -> str:
+        counts = Counter(r.role for r in self._roles.values())
+        shown = ", ".join(f"{role}={counts[role]}" for role in ROLES if counts[role])
+        return f"RoleTrace({shown}, untraced={len(self.untraced)}, device={self.device!r})"
+
+
+def active_trace() -> RoleTrace | None:
+    """The trace that rules are being resolved with, if any (set by the plan while it matches rules)."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def use_trace(trace: RoleTrace | None) -> Iterator[None]:
+    """Make ``trace`` the one the role predicates and ``DecayRule(roles=...)`` consult, for a block."""
+    token = _ACTIVE.set(trace)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+# ------------------------------------------------------------------------------ the tracer
+def _op_name(func: Callable[..., Any]) -> str:
+    """The short name of a torch function: ``__rmatmul__`` -> ``matmul``, ``__iadd__`` -> ``add``."""
+    name = getattr(func, "__name__", "") or ""
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+        if name not in ("getitem", "matmul") and name[:1] in ("r", "i") and name[1:] in _DUNDER_TAILS:
+            name = name[1:]
+        if name == "rmatmul":
+            name = "matmul"
+    return name.rstrip("_") if not name.startswith("_") else name
+
+
+_DUNDER_TAILS = frozenset({"add", "sub", "mul", "truediv", "floordiv", "matmul", "pow", "mod", "and", "or", "xor"})
+
+
+def _tensors(value: Any, slot: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], Tensor]]:
+    """Tensors in an argument (one level of lists and tuples, as torch's signatures allow), with their slot."""
+    if isinstance(value, Tensor):
+        yield slot, value
+    elif isinstance(value, (list, tuple)):
+        for j, item in enumerate(value):
+            if isinstance(item, Tensor):
+                yield (*slot, j), item
+            elif isinstance(item, (list, tuple)):  # an index tuple such as x[ids, :]
+                for k, inner in enumerate(item):
+                    if isinstance(inner, Tensor):
+                        yield (*slot, j, k), inner
+
+
+def _einsum_linear(args: tuple[Any, ...], derived: list[bool]) -> list[bool]:
+    """Which einsum operands have an index summed against a data operand (the weight of a map)."""
+    equation = args[0] if args and isinstance(args[0], str) else None
+    operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+    if equation is None or len(operands) != len(derived):
+        return [True] * len(derived)
+    equation = equation.replace(" ", "").replace("...", ".")
+    inputs, arrow, output = equation.partition("->")
+    subs = inputs.split(",")
+    if not arrow:
+        letters = Counter(c for s in subs for c in s)
+        output = "".join(sorted(c for c, n in letters.items() if n == 1))
+    if len(subs) != len(derived):
+        return [True] * len(derived)
+    data_letters = {c for s, d in zip(subs, derived, strict=True) if not d for c in s}
+    return [set(s) - set(output) - {"."} & data_letters != set() for s in subs]
+
+
+class _Tracer(TorchFunctionMode):
+    """Follows tensors computed from parameters alone and counts each parameter's uses against data."""
+
+    def __init__(self, n_params: int) -> None:
+        super().__init__()
+        # tensor -> (indices of the parameters it is computed from, whether it is a stack indexed by data)
+        self.derived: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.uses: list[Counter[tuple[Role, str]]] = [Counter() for _ in range(n_params)]
+
+    def seed(self, index: int, tensor: Tensor) -> None:
+        self.derived[tensor] = (frozenset((index,)), False)
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        operands = [(slot, t) for i, a in enumerate(args) for slot, t in _tensors(a, ("pos", i))]
+        operands += [(slot, t) for k, v in kwargs.items() for slot, t in _tensors(v, ("kw", k))]
+        infos = [self.derived.get(t) for _, t in operands]
+        if any(info is not None for info in infos):
+            self._record(func, args, kwargs, operands, infos, out)
+        return out
+
+    def _record(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        operands: list[tuple[tuple[Any, ...], Tensor]],
+        infos: list[Any],
+        out: Any,
+    ) -> None:
+        name = _op_name(func)
+        if name in _FRESH_OPS:
+            return
+        if name in _LIKE_OPS:  # a cast or view of `self`; the other tensors give a dtype, device or shape
+            if infos[0] is not None and operands[0][0] == ("pos", 0):
+                self._propagate(out, infos[0][0], infos[0][1])
+            return
+        calls: set[tuple[int, Role, str]] = set()
+        shown = _SHOWN.get(name, name)
+
+        def use(info: Any, role: Role) -> None:
+            for index in info[0]:
+                calls.add((index, role, shown))
+
+        if name in _LAYER_OPS:
+            position, keyword = _LAYER_OPS[name]
+            for (slot, _), info in zip(operands, infos, strict=True):
+                if info is not None:
+                    weight = slot[:2] in (("pos", position), ("kw", keyword))
+                    use(info, "linear" if weight else "other")
+        elif all(info is not None for info in infos):
+            self._parameter_math(name, operands, infos, out, use)
+        elif name in _EMBEDDING_OPS:
+            # torch.nn.functional.embedding(input, weight), but torch.embedding(weight, input)
+            table = ("pos", 1) if func in (F.embedding, F.embedding_bag) else ("pos", 0)
+            for (slot, _), info in zip(operands, infos, strict=True):
+                if info is not None:
+                    use(info, "embedding" if slot[:2] in (table, ("kw", "weight")) else "other")
+        elif name in _INDEX_OPS and infos[0] is not None and operands[0][0] == ("pos", 0):
+            if operands[0][1].dim() >= 3:  # a stack of matrices: the rows it gives decide
+                self._propagate(out, infos[0][0], True)
+            else:
+                use(infos[0], "embedding")
+        elif name in _MATMUL_OPS or name == "einsum":
+            derived = [info is not None for info in infos]
+            linear = _einsum_linear(args, derived) if name == "einsum" else [True] * len(infos)
+            for (slot, _), info, is_map in zip(operands, infos, linear, strict=True):
+                if info is not None:
+                    additive = name in _ADDITIVE_OPS and slot[:2] in (("pos", 0), ("kw", "input"))
+                    use(info, "linear" if is_map and not additive else "other")
+        elif name in _FUSED_OPS or name == "multi_head_attention_forward":
+            weights = _weight_slots(func, args, kwargs) if name == "multi_head_attention_forward" else None
+            for (slot, tensor), info in zip(operands, infos, strict=True):
+                if info is not None:
+                    is_weight = tensor.dim() >= 2 if weights is None else slot[:2] in weights
+                    use(info, "linear" if is_weight else "other")
+        else:
+            for info in infos:
+                if info is not None:
+                    use(info, "embedding" if info[1] else "other")
+        for index, role, op in calls:
+            self.uses[index][(role, op)] += 1
+
+    def _parameter_math(
+        self,
+        name: str,
+        operands: list[tuple[tuple[Any, ...], Tensor]],
+        infos: list[Any],
+        out: Any,
+        use: Callable[[Any, Role], None],
+    ) -> None:
+        """Every tensor operand comes from parameters: the result does too (a broadcast factor is a scale)."""
+        sources: set[int] = set()
+        stacked = False
+        size = max((t.numel() for _, t in operands), default=0)
+        for (_, tensor), info in zip(operands, infos, strict=True):
+            if name in _ELEMENTWISE_OPS and len(operands) > 1 and tensor.numel() < size:
+                use(info, "other")
+                continue
+            sources |= info[0]
+            stacked = stacked or info[1]
+        self._propagate(out, frozenset(sources), stacked)
+
+    def _propagate(self, out: Any, sources: frozenset[int], stacked: bool) -> None:
+        if not sources:
+            return
+        for _, tensor in _tensors(out, ()):
+            self.derived[tensor] = (sources, stacked)
+
+
+@functools.lru_cache(maxsize=8)
+def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+
+
+def _weight_slots(func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> set[tuple[Any, ...]]:
+    """The slots of the arguments named ``*weight*`` (``in_proj_weight``, ``q_proj_weight``...)."""
+    sig = _signature(func)
+    if sig is None:
+        return set()
+    names = list(sig.parameters)
+    slots = {("pos", i) for i, n in enumerate(names[: len(args)]) if "weight" in n}
+    return slots | {("kw", k) for k in kwargs if "weight" in k}
+
+
+# ------------------------------------------------------------------------------ running the pass
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module to call: compiled and data-parallel wrappers hold the same parameters."""
+    while True:
+        inner = getattr(module, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            module = inner
+            continue
+        wrapped = getattr(module, "module", None)
+        if type(module).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(wrapped, nn.Module):
+            module = wrapped
+            continue
+        return module
+
+
+def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _call_args(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Lightning's ``example_input_array`` convention: a tuple or list is positional, a dict keywords."""
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    return (inputs,), {}
+
+
+def _run(
+    module: nn.Module, params: list[tuple[str, nn.Parameter]], inputs: Any, on_meta: bool
+) -> list[Counter[tuple[Role, str]]]:
+    """One forward pass under the tracer; the parameters and buffers are replaced for its duration only."""
+    tracer = _Tracer(len(params))
+    buffers = dict(module.named_buffers())
+    if on_meta:
+        values: dict[str, Tensor] = {
+            n: nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad) for n, p in params
+        }
+        values.update({n: torch.empty_like(b, device="meta") for n, b in buffers.items()})
+        inputs = _map_tensors(inputs, lambda t: torch.empty_like(t, device="meta"))
+        seeds = [values[n] for n, _ in params]
+    else:
+        values = {n: b.clone() for n, b in buffers.items()}  # a forward in training mode updates running stats
+        devices = {p.device for _, p in params}
+        if len(devices) == 1:
+            (device,) = devices
+            inputs = _map_tensors(inputs, lambda t: t.to(device))
+        seeds = [p for _, p in params]
+    for i, tensor in enumerate(seeds):
+        tracer.seed(i, tensor)
+    args, kwargs = _call_args(inputs)
+    cuda = sorted({p.device.index or 0 for _, p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda), torch.no_grad(), tracer:
+        torch.func.functional_call(module, values, args, kwargs, tie_weights=True, strict=False)
+    return tracer.uses
+
+
+def _decide(uses: Counter[tuple[Role, str]]) -> TracedRole:
+    role = next(r for r in ROLES if any(k[0] == r for k in uses))
+    ordered = sorted(uses.items(), key=lambda item: (item[0][0] != role, ROLES.index(item[0][0]), -item[1]))
+    return TracedRole(role, tuple(ParamUse(r, op, n) for (r, op), n in ordered))
+
+
+def trace_roles(module: nn.Module, example_inputs: Any, *, device: Device = "auto") -> RoleTrace:
+    """Run one forward pass of ``module`` on ``example_inputs`` and record each parameter's role.
+
+    Args:
+        module: The model. Compiled and data-parallel wrappers are looked through.
+        example_inputs: What the forward takes, as Lightning's ``example_input_array``: a tuple or
+            list is passed as positional arguments, a dict as keyword arguments, anything else as the
+            one argument. Only shapes and dtypes matter on the meta device.
+        device: ``"auto"``: the meta device, and the module's own device if the pass fails there;
+            ``"meta"`` or ``"module"``: that device only.
+
+    Returns:
+        The roles, by parameter identity.
+
+    Raises:
+        TypeError: if ``module`` is not an ``nn.Module``.
+        ValueError: if ``example_inputs`` is None or ``device`` is not one of the choices.
+        TraceError: (a ValueError) if the forward pass raises on every device tried; the message
+            gives each error.
+
+    Examples:
+        >>> import torch, lightning_wd as lwd
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.U = torch.nn.Parameter(torch.randn(4, 8))
+        ...         self.gain = torch.nn.Parameter(torch.ones(8))
+        ...     def forward(self, x):
+        ...         return (x @ self.U) * self.gain
+        >>> net = Net()
+        >>> trace = lwd.trace.trace_roles(net, torch.randn(2, 4))
+        >>> trace.get(net.U).role, trace.get(net.U).evidence
+        ('linear', 'weight of `matmul` in 1 call')
+        >>> trace.get(net.gain).evidence
+        'operand of `mul` in 1 call'
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"`module` must be a torch.nn.Module, got {type(module).__name__}. Pass the model whose forward to trace."
+        )
+    if example_inputs is None:
+        raise ValueError(
+            "`example_inputs` is None: pass what the model's forward takes (a tensor, a tuple of positional"
+            " arguments or a dict of keyword arguments), for example torch.zeros(2, 16, dtype=torch.long)."
+        )
+    if device not in _DEVICES:
+        raise ValueError(f"`device` must be one of {', '.join(map(repr, _DEVICES))}, got {device!r}.")
+    target = _unwrap(module)
+    params = list(target.named_parameters())
+    tries = [True, False] if device == "auto" else [device == "meta"]
+    errors: list[str] = []
+    for on_meta in tries:
+        try:
+            uses = _run(target, params, example_inputs, on_meta)
+        except Exception as err:  # the forward is user code: any error means "not on this device"
+            errors.append(f"on {'the meta device' if on_meta else 'its own device'}: {type(err).__name__}: {err}")
+            continue
+        roles = {id(p): _decide(u) for (_, p), u in zip(params, uses, strict=True) if u}
+        where = "meta" if on_meta else str(params[0][1].device) if params else "cpu"
+        return RoleTrace(roles, tuple(p for _, p in params), where, errors[0] if errors else None)
+    raise TraceError(
+        f"The forward pass of {type(target).__name__} on `example_inputs` raised {'; and '.join(errors)}. Pass"
+        " inputs the forward accepts (a tuple for several positional arguments, a dict for keywords), or drop"
+        " them to decide every role from structure."
+    )
