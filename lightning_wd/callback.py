@@ -1,4 +1,4 @@
-"""``WeightDecayCallback``: the Lightning adapter of :class:`~lightning_wd.WeightDecay`.
+"""``WeightDecayCallback``: the Lightning adapter of ``WeightDecay``.
 
 The decay itself is the engine's (``lightning_wd/engine.py``, pure torch): it wraps each
 optimizer's ``step``, so the decay runs exactly when the optimizer really stepped (not on
@@ -22,11 +22,14 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_wd import _fsdp, _plotting
+from lightning_wd._compat import backward_skipped, batches_that_stepped, should_update_logs
 from lightning_wd.engine import (
     LEGACY_PLANNED_KEY,
     DecayOptions,
@@ -47,19 +50,19 @@ __all__ = ["WeightDecayCallback"]
 _STATE_VERSION = 2
 
 _REFUSED_STRATEGIES = {
-    "DeepSpeedStrategy": "DeepSpeed keeps fp32 master copies of the parameters and would overwrite the decay;"
-    " use the optimizer's own weight_decay with parameter groups from `lwd.build_param_groups`.",
-    "FSDPStrategy": "FSDP (FSDP1) flattens parameters into flat buffers, so per-tensor rules and group norms cannot"
-    " see them; shard with FSDP2 instead: strategy=ModelParallelStrategy() and `fully_shard(...,"
-    " mesh=self.device_mesh['data_parallel'])` in the LightningModule's `configure_model` (sharded DTensor"
-    " parameters are supported), or use strategy='ddp'.",
+    "DeepSpeedStrategy": "DeepSpeed steps its own fp32 master partitions of the parameters and copies them back over"
+    " the model's, which would overwrite a decay applied to the model. The rules still work there: drop this"
+    " callback and let DeepSpeed's optimizer apply each group's own weight_decay (WDMixin's groups, or"
+    " `lwd.build_param_groups(self, rules)` in `configure_optimizers`, carry the rules' λ; AdamW's decay is the"
+    " decoupled mode), or train with strategy='fsdp' (FSDPStrategy) or ModelParallelStrategy with `fully_shard`,"
+    " which this callback supports.",
 }
 
 
 class WeightDecayCallback(Callback):
     r"""Apply weight decay after every real optimizer step, with any optimizer, and log it per group.
 
-    The decay is :class:`~lightning_wd.WeightDecay`'s, with its modes (``decoupled``
+    The decay is ``WeightDecay``'s, with its modes (``decoupled``
     ``p <- p (1 - η_t λ)``, ``lr_ratio``, ``independent``, ``relative``; the table is there), η\ :sub:`t`
     the group's ``lr`` and λ its ``weight_decay`` times the schedule's multiplier.
 
@@ -68,7 +71,7 @@ class WeightDecayCallback(Callback):
     the optimizer's update moved toward zero (``(p_new - p_old) p_old < 0``).
 
     Where each group's λ comes from: its own ``weight_decay``. Groups built from a plan
-    (:class:`~lightning_wd.WDMixin`, :func:`~lightning_wd.build_param_groups`) carry the rules' λ
+    (``WDMixin``, ``build_param_groups``) carry the rules' λ
     there; a group built from raw parameters (``weight_decay=0``) is decayed as ``rules`` say (or,
     for a ``WDMixin`` module, its ``decay_rules``). The optimizer sees ``weight_decay=0`` during its
     own step only, so the decay is never applied twice, and everything that reads or writes the
@@ -91,8 +94,10 @@ class WeightDecayCallback(Callback):
     decayed on each rank's local shard, with no communication. The logged norms and ``relative``
     mode's ``m`` are taken over the whole group on every rank: a few ``all_reduce`` calls per norm,
     so with sharded parameters every rank measures on logged steps (rank zero alone logs), and
-    ``relative`` mode communicates at every step. ``FSDPStrategy`` (FSDP1's flat parameters) and
-    ``DeepSpeedStrategy`` are refused in ``setup``.
+    ``relative`` mode communicates at every step. ``FSDPStrategy`` (FSDP1, with its default
+    ``use_orig_params=True``, ``HYBRID_SHARD`` included) is supported the same way: each rank decays
+    its shard of each tensor, and norms are added up over the shard group (never over the
+    replicas). ``DeepSpeedStrategy`` is refused in ``setup`` (the message gives the alternative).
 
     Args:
         mode: How the step size follows the learning rate (see the table).
@@ -103,11 +108,23 @@ class WeightDecayCallback(Callback):
         source: For ``mode="relative"``, what ``m`` is measured on.
         metric: For ``mode="relative"``, ``"mean_abs"`` or ``"rms"``.
         schedule: Multiplier of λ as a function of the optimizer step (see
-            :mod:`lightning_wd.schedules`), or None for a constant λ. A schedule without its own
+            ``lightning_wd.schedules``), or None for a constant λ. A schedule without its own
             ``total_steps`` gets the trainer's estimate at each fit start.
         log_norms: Log ``param_norm``, ``weight_decay`` and ``timescale``.
         log_grad_norm: Also log the L2 norm of each group's gradients.
         log_update_norm: Also log the L2 norm of each group's optimizer update.
+        toward: Decay toward reference weights ``p0`` instead of zero, ``p <- p - step (p - p0)``:
+            ``"init"`` (the parameters at fit start) or a state dict (for example the pretrained
+            weights). ``p0`` is saved with the callback's state, so a resume is exact; it costs one
+            copy of the decayed parameters, in memory and in the checkpoint.
+        timescale_fraction: Set each decayed group's λ at fit start so that the decay timescale
+            ``1 / (η λ)`` is this fraction of the run (the trainer's estimated steps, η the group's peak
+            lr): ``λ = 1 / (fraction · total_steps · η)``; printed at fit start and logged as
+            ``timescale_target``. A resume keeps the checkpoint's λ.
+        log_diagnostics: Also log, on logging steps only, each group's ``effective_decay`` (the decay
+            step η_t·λ), ``update_ratio`` (‖Δp‖/‖p‖) and ``angular_update`` (radians between the
+            parameters before and after the step), and print a report per group at the end of the fit
+            (``report``): the timescale against the run's length, and whether ``param_norm`` settled.
 
     Raises:
         ValueError: on an unknown ``mode``, ``source``, ``metric`` or ``ord``, or ``source``/``metric``
@@ -115,15 +132,14 @@ class WeightDecayCallback(Callback):
         TypeError: on a flag that is not a bool, ``rules`` that are not DecayRule, or a
             ``schedule`` that is not callable.
 
-    Example::
-
+    Examples:
         >>> import lightning_wd as lwd
         >>> lwd.WeightDecayCallback(mode="lr_ratio", ord=1).state_key
         "WeightDecayCallback{'mode': 'lr_ratio', 'ord': 1, 'cautious': False}"
         >>> lwd.WeightDecayCallback(mode="adamw")
         Traceback (most recent call last):
         ...
-        ValueError: `mode` must be one of ['decoupled', 'lr_ratio', 'independent', 'relative'], got 'adamw'; ...
+        ValueError: `mode` must be one of ['decoupled', 'lr_ratio', 'independent', 'relative', 'corrected'], got ...
     """
 
     def __init__(
@@ -139,12 +155,18 @@ class WeightDecayCallback(Callback):
         log_norms: bool = True,
         log_grad_norm: bool = False,
         log_update_norm: bool = False,
+        toward: Literal["init"] | Mapping[str, Tensor] | None = None,
+        timescale_fraction: float | None = None,
+        log_diagnostics: bool = False,
     ) -> None:
-        options = DecayOptions(mode, ord, cautious, source, metric, schedule)
+        options = DecayOptions(
+            mode, ord, cautious, source, metric, schedule, toward=toward, timescale_fraction=timescale_fraction
+        )
         for value, argument in (
             (log_norms, "log_norms"),
             (log_grad_norm, "log_grad_norm"),
             (log_update_norm, "log_update_norm"),
+            (log_diagnostics, "log_diagnostics"),
         ):
             _flag(value, argument)
         self.options = options
@@ -152,6 +174,10 @@ class WeightDecayCallback(Callback):
         self.log_norms = log_norms
         self.log_grad_norm = log_grad_norm
         self.log_update_norm = log_update_norm
+        self.log_diagnostics = log_diagnostics
+        #: With ``log_diagnostics``: the report printed at the end of the last fit (None before).
+        self.report: str | None = None
+        self._history: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
         self.engines: list[WeightDecay] = []
         self._trainer: Trainer | None = None
         self._loaded: list[dict[str, Any]] | None = None  # engine states from a checkpoint, for this fit
@@ -165,6 +191,8 @@ class WeightDecayCallback(Callback):
     source = property(lambda self: self.options.source)
     metric = property(lambda self: self.options.metric)
     schedule = property(lambda self: self.options.schedule)
+    toward = property(lambda self: self.options.toward)
+    timescale_fraction = property(lambda self: self.options.timescale_fraction)
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -217,6 +245,15 @@ class WeightDecayCallback(Callback):
         for refused, why in _REFUSED_STRATEGIES.items():
             if any(klass.__name__ == refused for klass in type(trainer.strategy).__mro__):
                 raise MisconfigurationException(f"WeightDecayCallback does not support `strategy`={name}: {why}")
+        kwargs = getattr(trainer.strategy, "kwargs", None)
+        fsdp1 = any(klass.__name__ == "FSDPStrategy" for klass in type(trainer.strategy).__mro__)
+        if fsdp1 and isinstance(kwargs, dict) and kwargs.get("use_orig_params", True) is False:
+            raise MisconfigurationException(
+                f"WeightDecayCallback does not support `strategy`={name} with use_orig_params=False: FSDP then"
+                " trains flat parameters that concatenate tensors of different roles, which no rule can tell apart."
+                " Leave `use_orig_params` at its default, True (FSDPStrategy(use_orig_params=True)): each tensor"
+                " keeps its name, shape and owner, and is decayed on each rank's shard."
+            )
         self._loaded = None  # a new fit starts afresh; a checkpoint restored after this hook fills it again
         self.engines = []
 
@@ -255,18 +292,42 @@ class WeightDecayCallback(Callback):
         loaded = self._loaded or []
         total = self._total_steps(trainer, loaded)
         engines: list[WeightDecay] = []
+        lambdas = [[g.get("weight_decay") for g in o.param_groups] for o in optimizers]
         try:
             for i, opt in enumerate(optimizers):
-                engine = self._engine(opt, pl_module, rules, plan_options, total, strict=True)
+                # a resumed optimizer keeps its checkpoint's λ: timescale_fraction sets it at the first fit start only
+                engine = self._engine(opt, pl_module, rules, plan_options, total, strict=True, fresh=i >= len(loaded))
                 engines.append(engine)
                 if i < len(loaded):
                     engine.load_state_dict(loaded[i])
         except SetupError as err:
             for engine in engines:
                 engine.remove()
+            for opt, values in zip(optimizers, lambdas, strict=True):  # λ set by timescale_fraction: put back
+                for g, value in zip(opt.param_groups, values, strict=True):
+                    if value is not None:
+                        g["weight_decay"] = value
             raise MisconfigurationException(str(err)) from None
         self.engines = engines
+        self._history = {}
+        self.report = None
+        self._report_timescale(total)
         self._report_resumed_decay(trainer, pl_module)
+
+    def _report_timescale(self, total: int | None) -> None:
+        """Print the λ that ``timescale_fraction`` gave each decayed group."""
+        rows = [(name, lr, lam) for e in self.engines for name, (lr, lam) in e.timescale_lambdas.items()]
+        if not rows:
+            return
+        fraction = float(self.options.timescale_fraction or 0.0)
+        width = max(len(name) for name, _, _ in rows)
+        lines = [
+            f"  {name.ljust(width)}  λ = 1 / ({fraction:g} · {total:,} · {lr:g}) = {lam:.4g}" for name, lr, lam in rows
+        ]
+        rank_zero_info(
+            f"WeightDecayCallback: λ from timescale_fraction={fraction:g} of {total:,} steps (timescale"
+            f" {fraction * (total or 0):,.0f} steps, η the group's peak lr):\n" + "\n".join(lines)
+        )
 
     def _engine(
         self,
@@ -277,31 +338,42 @@ class WeightDecayCallback(Callback):
         total_steps: int | None,
         *,
         strict: bool,
+        fresh: bool = True,
     ) -> WeightDecay:
-        """An engine with this callback's options; ``strict`` at fit start (errors), not for later optimizers."""
+        """An engine with this callback's options; ``strict`` at fit start (errors), not for later optimizers.
+
+        ``fresh``: the optimizer does not resume a checkpoint, so ``timescale_fraction`` sets its λ.
+        """
         return WeightDecay(
             optimizer,
             rules=rules,
-            module=pl_module if rules is not None else None,
+            module=_fsdp.wrapper_of(pl_module, getattr(self._trainer, "model", None)),  # FSDP1 wraps the module
             plan_options=plan_options,
             total_steps=total_steps,
             _options=self.options,
             _strict=strict,
+            _set_timescale=fresh,
         )
 
     def _total_steps(self, trainer: Trainer, loaded: list[dict[str, Any]]) -> int | None:
-        """The run's length for a schedule without its own: the checkpoint's, else the trainer's estimate."""
+        """The run's length for a schedule without its own or for ``timescale_fraction``: the checkpoint's, else
+        the trainer's estimate."""
         schedule = self.options.schedule
-        if getattr(schedule, "total_steps", 0) is not None or not hasattr(schedule, "with_total_steps"):
+        timescale = self.options.timescale_fraction is not None
+        if not timescale and (
+            getattr(schedule, "total_steps", 0) is not None or not hasattr(schedule, "with_total_steps")
+        ):
             return None
         total = loaded[0].get("total_steps") if loaded else None
         if total is None:
             total = trainer.estimated_stepping_batches
         # (an iterable of unknown length without max_steps is estimated as max_steps, -1)
         if isinstance(total, bool) or not isinstance(total, (int, float)) or not math.isfinite(total) or total < 1:
+            what = "`timescale_fraction` is a fraction of the run" if timescale else "`schedule` is a Cosine"
+            fix = "Give the Trainer max_steps=..." if timescale else "Give Cosine(total_steps=...)."
             raise MisconfigurationException(
-                "`schedule` is a Cosine without `total_steps`, and the trainer cannot estimate the number of"
-                " steps (no max_steps, and an iterable of unknown length). Give Cosine(total_steps=...)."
+                f"{what} without `total_steps`, and the trainer cannot estimate the number of"
+                f" steps (no max_steps, and an iterable of unknown length). {fix}"
             )
         return int(total)
 
@@ -336,8 +408,14 @@ class WeightDecayCallback(Callback):
         self._follow_optimizers(trainer, pl_module)
         logging = self._logging_step()
         track = self.log_update_norm and logging
+        diagnose = self.log_diagnostics and logging
+        # Stochastic weight averaging's batch-norm update epoch runs no backward, and the optimizer steps once
+        # on the last real step's gradients: not a training step, so it is neither decayed nor counted.
+        paused = backward_skipped(trainer)
         for engine in self.engines:
             engine.track_updates = track
+            engine.track_diagnostics = diagnose
+            engine.paused = paused
         self._steps_at_batch_start = [e.steps for e in self.engines]
 
     def _follow_optimizers(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -368,13 +446,14 @@ class WeightDecayCallback(Callback):
     def _logging_step(self) -> bool:
         """Whether this process measures the groups at this step (every rank where parameters are sharded)."""
         trainer = self._trainer
-        if trainer is None or not (self.log_norms or self.log_grad_norm or self.log_update_norm):
+        wanted = self.log_norms or self.log_grad_norm or self.log_update_norm or self.log_diagnostics
+        if trainer is None or not wanted:
             return False
         if not trainer.loggers:
             return False
         if not (trainer.is_global_zero or any(e.sharded for e in self.engines)):
             return False
-        return bool(trainer._logger_connector.should_update_logs)
+        return should_update_logs(trainer)
 
     @override
     def on_train_batch_end(
@@ -389,13 +468,19 @@ class WeightDecayCallback(Callback):
         for engine, prefix in zip(self.engines, prefixes, strict=True):
             if engine not in stepped:
                 continue
-            metrics = engine.metrics(grad_norm=self.log_grad_norm, param_norm=self.log_norms)
+            metrics = engine.metrics(
+                grad_norm=self.log_grad_norm,
+                param_norm=self.log_norms or self.log_diagnostics,
+                diagnostics=self.log_diagnostics,
+            )
             for key, value in metrics.items():
-                if self.log_norms or key.endswith(("/grad_norm", "/update_norm")):
+                if self.log_norms or key.endswith(_OPTIONAL_METRICS):
                     out[f"wd/{prefix}{key}"] = value
+                if self.log_diagnostics:
+                    _plotting._add(self._history, f"wd/{prefix}{key}", engine.steps, value)
         if not trainer.is_global_zero or not out:  # the other ranks only took part in the collectives
             return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = batches_that_stepped(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(out, step=step)
 
@@ -439,6 +524,15 @@ class WeightDecayCallback(Callback):
 
     # ------------------------------------------------------------------ end of fit
     @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """With ``log_diagnostics``, print the report per group: the timescale against the run, and the norm's drift."""
+        if not self.log_diagnostics or not self._history or not trainer.is_global_zero:
+            return
+        run = max((e.steps for e in self.engines), default=0)
+        self.report = _plotting.diagnose(_plotting._sorted(self._history), run_length=run)
+        rank_zero_info(self.report)
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._detach()
@@ -451,6 +545,10 @@ class WeightDecayCallback(Callback):
         for engine in self.engines:
             engine.remove()  # kept in `engines`, detached, until the next fit: what it did stays inspectable
         self._loaded = None
+
+
+#: Metrics logged without ``log_norms``: the ones their own flags ask for.
+_OPTIONAL_METRICS = ("/grad_norm", "/update_norm", "/effective_decay", "/update_ratio", "/angular_update")
 
 
 def _optimizer_prefixes(optimizers: Sequence[Optimizer]) -> list[str]:

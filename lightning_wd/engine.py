@@ -18,7 +18,7 @@ Because the decay is read from the group at every step, code that writes ``weigh
 training (a DINO-style schedule) is followed at the next step, and a resume from any checkpoint that
 restores the optimizer's groups restores λ.
 
-Groups built from a plan (:func:`~lightning_wd.build_param_groups`, :class:`~lightning_wd.WDMixin`)
+Groups built from a plan (``build_param_groups``, ``WDMixin``)
 are decayed as a whole with their λ. With ``rules=`` (and the ``module`` to name the parameters),
 a group built from raw parameters with ``weight_decay=0`` has its tensors decayed as the rules say
 (the rules are the engine's configuration; the group's own λ, 0, is what the optimizer applies
@@ -36,19 +36,24 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, repeat
+from operator import attrgetter, is_
 from typing import Any, Literal, NamedTuple, cast, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_wd import _fsdp
 from lightning_wd import functional as F
-from lightning_wd.plan import PLANNED_KEY, DecayPlan, _check_plan_options, _check_rules
+from lightning_wd._compat import inner_optimizer, mark_wrapped_by_lr_scheduler, wrapped_by_lr_scheduler
+from lightning_wd.plan import _WRAPPER_ATTRS, PLANNED_KEY, DecayPlan, _check_plan_options, _check_rules
 from lightning_wd.rules import DecayRule
+from lightning_wd.schedules import weight_decay_from_timescale
 
 __all__ = ["WeightDecay"]
 
-Mode = Literal["decoupled", "lr_ratio", "independent", "relative"]
+Mode = Literal["decoupled", "lr_ratio", "independent", "relative", "corrected"]
 Source = Literal["grad", "params", "update"]
 Metric = Literal["mean_abs", "rms"]
 
@@ -89,12 +94,18 @@ def _flag(value: Any, argument: str) -> None:
 
 @dataclass(frozen=True)
 class DecayOptions:
-    """The validated options of a decay: shared by :class:`WeightDecay` and the Lightning callback.
+    """The validated options of a decay: shared by ``WeightDecay`` and the Lightning callback.
+
+    ``toward`` (``"init"``, or a state dict of reference weights) decays toward a reference ``p0``
+    instead of zero; ``timescale_fraction`` sets each decayed group's λ so that the decay's timescale
+    ``1 / (η λ)`` is that fraction of the run.
 
     Raises:
-        ValueError: on an unknown ``mode``, ``source``, ``metric`` or ``ord``, or ``source``/``metric``
-            given for a mode other than ``"relative"``.
-        TypeError: on ``cautious`` that is not a bool or a ``schedule`` that is not callable.
+        ValueError: on an unknown ``mode``, ``source``, ``metric`` or ``ord``, ``source``/``metric``
+            given for a mode other than ``"relative"``, ``toward`` or ``timescale_fraction`` with
+            ``mode="relative"``, ``timescale_fraction`` with ``ord=1`` or not a finite number > 0.
+        TypeError: on ``cautious`` that is not a bool, a ``schedule`` that is not callable, or
+            ``toward`` that is neither ``"init"`` nor a mapping of names to tensors.
     """
 
     mode: Mode = "decoupled"
@@ -103,6 +114,8 @@ class DecayOptions:
     source: Source | None = None
     metric: Metric | None = None
     schedule: Callable[[int], float] | None = None
+    toward: Literal["init"] | Mapping[str, Tensor] | None = field(default=None, compare=False, repr=False)
+    timescale_fraction: float | None = None
 
     def __post_init__(self) -> None:
         _choice(self.mode, "mode", Mode)
@@ -126,10 +139,50 @@ class DecayOptions:
                 f"`schedule` must be None or a callable step -> multiplier (for example"
                 f" lwd.schedules.Cosine(start=1.0, end=0.1)), got {type(self.schedule).__name__} {self.schedule!r}."
             )
+        _check_toward(self.toward, self.mode)
+        _check_timescale_fraction(self.timescale_fraction, self.mode, self.ord)
 
     def needs_snapshot(self, tracking_updates: bool) -> bool:
         """Whether a step needs the parameters from just before it."""
         return self.cautious or (self.mode == "relative" and self.source == "update") or tracking_updates
+
+
+def _check_toward(toward: Any, mode: str) -> None:
+    if toward is None:
+        return
+    if isinstance(toward, str):
+        if toward != "init":
+            raise ValueError(
+                f"`toward` must be None, 'init' or a state dict of reference weights, got {toward!r}; use 'init'"
+                " (the parameters when the decay starts) or pass for example `pretrained.state_dict()`."
+            )
+    elif not isinstance(toward, Mapping) or not all(isinstance(k, str) for k in toward):
+        raise TypeError(
+            f"`toward` must be None, 'init' or a mapping of parameter names to tensors (a state dict), got"
+            f" {type(toward).__name__}. Pass 'init' or for example `pretrained.state_dict()`."
+        )
+    if mode == "relative":
+        raise ValueError(
+            "`toward` decays toward reference weights with a step η·λ, which mode='relative' would scale by a"
+            f" measure of the weights themselves; got mode={mode!r} with toward. Use mode='decoupled' (or"
+            " 'corrected', 'lr_ratio', 'independent') with `toward`."
+        )
+
+
+def _check_timescale_fraction(fraction: Any, mode: str, ord: int) -> None:
+    if fraction is None:
+        return
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < math.inf:
+        raise ValueError(
+            f"`timescale_fraction` must be None or a finite number > 0 (the decay timescale 1/(η·λ) as a fraction"
+            f" of the run), got {fraction!r}. Pass for example timescale_fraction=0.25."
+        )
+    if mode == "relative" or ord == 1:
+        raise ValueError(
+            "`timescale_fraction` sets λ from the timescale 1/(η·λ) of a multiplicative decay, which"
+            f" mode='relative' and ord=1 do not have; got mode={mode!r}, ord={ord!r}. Use ord=2 with mode"
+            " 'decoupled', 'corrected', 'lr_ratio' or 'independent', or set λ yourself."
+        )
 
 
 def unwrap_optimizer(optimizer: Any) -> Optimizer:
@@ -140,7 +193,7 @@ def unwrap_optimizer(optimizer: Any) -> Optimizer:
     """
     inner = optimizer
     for _ in range(8):
-        nested = getattr(inner, "_optimizer", None)  # LightningOptimizer, Fabric's _FabricOptimizer
+        nested = inner_optimizer(inner)  # LightningOptimizer, Fabric's _FabricOptimizer
         if not isinstance(nested, Optimizer) and hasattr(inner, "param_groups"):
             nested = getattr(inner, "optimizer", None)  # accelerate's AcceleratedOptimizer (not an LR scheduler)
         if not isinstance(nested, Optimizer) or nested is inner:
@@ -191,6 +244,8 @@ class _Bucket:
     dtypes: list[torch.dtype]
     numel: int
     layouts: list[list[F._Layout]] = field(default_factory=list)
+    #: Per chunk: its element count (of the local shards where sharded), for the kernels' choice of path.
+    numels: list[int] = field(default_factory=list)
     sharded: bool = False
     #: Per chunk: one flat view over its tensors when they lie back to back in memory (see
     #: ``functional.make_contiguous_``), and the addresses that view was made for.
@@ -202,6 +257,14 @@ class _Bucket:
     last_wd: float | None = None
     last_step: Tensor | float | None = None
     update_norm: Tensor | None = None
+    #: FSDP1 views (``use_orig_params=True``): the layout of every tensor, in chunk order, the same on
+    #: every rank (norms reduce over each of them, also where a rank has none of its tensors), else None.
+    views: list[F._Layout] | None = None
+    #: ``toward``: per chunk, the reference ``p0`` of each of its tensors (None until taken).
+    reference: list[list[Tensor]] | None = None
+    #: Diagnostics of the last tracked step: ``‖Δp‖/‖p‖`` and the angle between p before and after it.
+    update_ratio: Tensor | None = None
+    angular_update: Tensor | None = None
 
     @property
     def weight_decay(self) -> float:
@@ -241,14 +304,28 @@ class _Part(NamedTuple):
     tensors: list[Tensor]  # what the decay updates in place: the parameters, or their local shards
     layouts: list[F._Layout]
     before: list[Tensor]  # copies of `tensors` from just before the optimizer step, or []
+    numel: int | None = None  # the element count of `tensors`, where known without a pass over them
+
+
+_grad_of = attrgetter("grad")
 
 
 def _with_grad(chunk: list[Tensor], *others: list[Any]) -> tuple[list[Any], ...]:
-    """Keep only the tensors of ``chunk`` (and the matching ones of ``others``) that have a gradient."""
-    if all(p.grad is not None for p in chunk):
+    """Keep only the tensors of ``chunk`` (and the matching ones of ``others``) that have a gradient.
+
+    When every tensor has one (the steady state), this is one C-speed pass over the gradients and
+    returns the lists themselves: no Python code runs per tensor.
+    """
+    grads = list(map(_grad_of, chunk))
+    if not any(map(is_, grads, repeat(None))):
         return (chunk, *others)
-    keep = [i for i, p in enumerate(chunk) if p.grad is not None]
+    keep = [i for i, g in enumerate(grads) if g is not None]
     return tuple([lst[i] for i in keep] for lst in (chunk, *others))
+
+
+def _joined(lists: list[list[Any]]) -> list[Any]:
+    """The lists one after the other: the one list itself when there is one (C-speed otherwise)."""
+    return lists[0] if len(lists) == 1 else list(chain.from_iterable(lists))
 
 
 def _local(tensors: list[Tensor]) -> list[Tensor]:
@@ -270,6 +347,7 @@ def _make_bucket(name: str, group: dict[str, Any], index: int, rule_wd: float | 
         dtypes=[chunk[0].dtype for chunk in chunks],
         numel=sum(p.numel() for p in params),  # a DTensor's numel is that of the whole tensor
         layouts=[[_layout(name, p) for p in chunk] for chunk in chunks],
+        numels=[sum(map(Tensor.numel, _local(chunk) if sharded else chunk)) for chunk in chunks],
         sharded=sharded,
         flats=flats,
         addresses=[
@@ -362,18 +440,18 @@ class WeightDecay:
         optimizer: A torch optimizer, or Lightning's, Fabric's or accelerate's wrapper of one.
         mode: How the step size follows the learning rate (see the table).
         rules: Decay rules for groups built from raw parameters (needs ``module``); groups from
-            :func:`~lightning_wd.build_param_groups` need none.
+            ``build_param_groups`` need none.
         module: The model, to name the parameters for ``rules``.
-        plan_options: Options for :meth:`~lightning_wd.DecayPlan.from_module` used with ``rules``.
+        plan_options: Options for ``from_module`` used with ``rules``.
         ord: 2 for multiplicative decay, 1 for the L1 soft threshold.
         cautious: Decay only coordinates that the update moved toward zero.
         source: For ``mode="relative"``, what ``m`` is measured on.
         metric: For ``mode="relative"``, ``"mean_abs"`` or ``"rms"``.
         schedule: Multiplier of λ as a function of the optimizer step (see
-            :mod:`lightning_wd.schedules`), or None for a constant λ.
+            ``lightning_wd.schedules``), or None for a constant λ.
         total_steps: Length of the run in optimizer steps, for a schedule without its own
-            ``total_steps`` (:class:`~lightning_wd.schedules.Cosine`).
-        track_updates: Measure each group's update norm at every step (for :meth:`metrics`).
+            ``total_steps`` (``Cosine``).
+        track_updates: Measure each group's update norm at every step (for ``metrics``).
 
     Raises:
         TypeError: on an ``optimizer`` that is not one, a flag that is not a bool, or ``rules``
@@ -383,8 +461,7 @@ class WeightDecay:
             number >= 0, or decayed differently by ``rules``; ``lr_ratio`` from lr 0), with the
             optimizer left as it was.
 
-    Example::
-
+    Examples:
         >>> import torch, lightning_wd as lwd
         >>> model = torch.nn.Linear(2, 2, bias=False)
         >>> torch.nn.init.ones_(model.weight)
@@ -419,12 +496,19 @@ class WeightDecay:
         schedule: Callable[[int], float] | None = None,
         total_steps: int | None = None,
         track_updates: bool = False,
+        toward: Literal["init"] | Mapping[str, Tensor] | None = None,
+        timescale_fraction: float | None = None,
+        track_diagnostics: bool = False,
         _options: DecayOptions | None = None,
         _strict: bool = True,
+        _set_timescale: bool = True,
     ) -> None:
         opt = unwrap_optimizer(optimizer)
-        options = _options or DecayOptions(mode, ord, cautious, source, metric, schedule)
+        options = _options or DecayOptions(
+            mode, ord, cautious, source, metric, schedule, toward=toward, timescale_fraction=timescale_fraction
+        )
         _flag(track_updates, "track_updates")
+        _flag(track_diagnostics, "track_diagnostics")
         if rules is not None:
             rules = list(_check_rules(rules))
             if module is None:
@@ -446,15 +530,29 @@ class WeightDecay:
                 f"`total_steps` must be None or an int >= 1 (the run's optimizer steps), got {total_steps!r}."
                 " Pass for example total_steps=10_000."
             )
+        if options.timescale_fraction is not None and total_steps is None:
+            raise ValueError(
+                f"`timescale_fraction`={options.timescale_fraction} is a fraction of the run, so it needs the run's"
+                " length: pass `total_steps=` (the run's optimizer steps), for example total_steps=10_000."
+            )
         self.optimizer = opt
         self.options = options
         self.rules = rules
         self.track_updates = track_updates
+        self.track_diagnostics = track_diagnostics
+        #: Groups whose λ ``timescale_fraction`` set when the engine was attached: name -> (peak lr, λ).
+        self.timescale_lambdas: dict[str, tuple[float, float]] = {}
+        self._reference: dict[int, Tensor] | None = None
+        self._names: dict[int, str] | None = None
         self._module_ref = weakref.ref(module) if module is not None else None
         self._plan_options = dict(plan_options or {})
         self._schedule = _resolve_schedule(options.schedule, total_steps)
         self._total_steps = total_steps
         self.steps = 0
+        #: While True, steps keep the optimizer's own decay out (λ is still 0 during the step) but are not
+        #: decayed or counted: for steps that are not training steps (the batch-norm update pass of
+        #: stochastic weight averaging steps the optimizer on stale gradients, with no backward).
+        self.paused = False
         self._rule_plan: dict[int, tuple[str, float]] | None = None
         self._buckets: list[_Bucket] = []
         self._signature: tuple[Any, ...] = ()
@@ -468,6 +566,17 @@ class WeightDecay:
         buckets = self._plan(strict=_strict)
         if self._schedule is not None:
             _check_schedule(self._schedule, self.steps)
+        lambdas = []
+        if options.timescale_fraction is not None and _set_timescale:
+            lambdas = self._timescale_lambdas(buckets, cast(int, total_steps), strict=_strict)
+        if options.toward is not None:
+            self._reference = {}
+            for b in buckets:  # refs taken (and checked) before anything is changed: an error leaves all as it was
+                if b.weight_decay > 0:
+                    self._link_reference(b, strict=_strict)
+        for group, name, lr, lam in lambdas:
+            group["weight_decay"] = lam
+            self.timescale_lambdas[name] = (lr, lam)
         self._install(buckets)
         self._attach()
 
@@ -486,8 +595,8 @@ class WeightDecay:
                 return inner(*args, **kwargs)
             return engine._step(inner, args, kwargs)
 
-        if getattr(original, "_wrapped_by_lr_sched", False):  # torch's LR schedulers check that their wrapper is there
-            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        if wrapped_by_lr_scheduler(original):  # torch's LR schedulers check that their wrapper is there
+            mark_wrapped_by_lr_scheduler(step)
         step.__wrapped__ = inner  # type: ignore[attr-defined]
         opt.step = types.MethodType(step, opt)  # type: ignore[method-assign]
         self._wrapper = opt.step
@@ -496,8 +605,7 @@ class WeightDecay:
     def remove(self) -> None:
         """Detach from the optimizer: its ``step`` is as it was, and every group keeps its ``weight_decay``.
 
-        Example::
-
+        Examples:
             >>> import torch, lightning_wd as lwd
             >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
             >>> decay = lwd.WeightDecay(opt)
@@ -519,7 +627,7 @@ class WeightDecay:
 
     @property
     def attached(self) -> bool:
-        """Whether the engine decays the optimizer's steps (False after :meth:`remove`)."""
+        """Whether the engine decays the optimizer's steps (False after ``remove``)."""
         return self._active
 
     # ------------------------------------------------------------------ planning
@@ -597,18 +705,63 @@ class WeightDecay:
             )
             for b, name in zip(buckets, _dedupe(names), strict=True):
                 b.name = name
-        if self.options.mode == "lr_ratio":
+        if self.options.mode in ("lr_ratio", "corrected"):
+            divisor = self._initial_lr if self.options.mode == "lr_ratio" else self._peak_lr
             for b in buckets:
-                if self._initial_lr(b.group) == 0 and (b.rule_wd if b.rule_wd is not None else b.group["weight_decay"]):
+                if divisor(b.group) == 0 and (b.rule_wd if b.rule_wd is not None else b.group["weight_decay"]):
                     self._problem(
                         strict,
                         f"lr0:{b.name}",
-                        f"`mode`='lr_ratio' divides by the group's initial lr, but group {b.name!r} starts at lr=0."
-                        " Start the group at its peak lr and warm up with a scheduler (which records `initial_lr`),"
-                        " or use mode='decoupled'.",
+                        f"`mode`={self.options.mode!r} divides by the group's initial (peak) lr, but group"
+                        f" {b.name!r} starts at lr=0. Start the group at its peak lr and warm up with a scheduler"
+                        " (which records `initial_lr`), or use mode='decoupled'.",
                         later=" Its decay is skipped.",
                     )
+        self._shard_views(buckets, strict=strict)
         return buckets
+
+    def _shard_views(self, buckets: list[_Bucket], *, strict: bool) -> None:
+        """Give buckets holding FSDP1 views (``use_orig_params=True``) the shard group of each view.
+
+        The decay of a view is exact on each rank; its norms and means are added up over the shard
+        group, which only the FSDP1 units know: they are found in ``module``.
+        """
+        if not _fsdp._in_use():
+            return
+        infos: dict[int, _fsdp.ShardInfo] | None = None
+        for b in buckets:
+            if not any(map(_fsdp.is_flat_view, b.params)):
+                continue
+            if infos is None:
+                module = self._module()
+                infos = _fsdp.shard_infos(module) if module is not None else {}
+            try:
+                layouts = [_fsdp.layouts(chunk, infos) or [None] * len(chunk) for chunk in b.chunks]
+            except KeyError:
+                self._problem(
+                    strict,
+                    f"fsdp:{b.name}",
+                    f"Optimizer group {b.name!r} holds parameters that FSDP (FullyShardedDataParallel,"
+                    " use_orig_params=True) flattened into shards, but the engine was not given the FSDP-wrapped"
+                    " model, whose units say over which processes each shard is spread: its norms and `relative`"
+                    " measure would be this rank's alone. Pass it: `lwd.WeightDecay(optimizer, module=fsdp_model)`.",
+                    later=" Its norms and measures are this rank's shard's only.",
+                )
+                continue
+            if any(F._is_dtensor(p) for p in b.params):
+                self._problem(
+                    strict,
+                    f"fsdp-dtensor:{b.name}",
+                    f"Optimizer group {b.name!r} mixes FSDP (FullyShardedDataParallel) shards with DTensors, whose"
+                    " norms cannot be added up together. Put them in separate parameter groups.",
+                    later=" Its norms and measures are this rank's shard's only.",
+                )
+                continue
+            b.layouts = layouts
+            b.views = [layout for chunk in layouts for layout in chunk]
+            b.sharded = True  # every rank measures, in the same order
+            b.flats = [None] * len(b.chunks)  # (FSDP1 re-creates its views: never one flat view over them)
+            b.addresses = [[] for _ in b.chunks]
 
     def _problem(self, strict: bool, key: str, message: str, later: str = " It is skipped.") -> None:
         if strict:
@@ -621,10 +774,129 @@ class WeightDecay:
     def _initial_lr(group: dict[str, Any]) -> float:
         return float(group.get("initial_lr", group.get(INITIAL_LR_KEY, group["lr"])))
 
+    @staticmethod
+    def _peak_lr(group: dict[str, Any]) -> float:
+        """η_max of ``corrected``: OneCycleLR's ``max_lr``, else the scheduler's ``initial_lr``, else the first lr."""
+        return float(group.get("max_lr", WeightDecay._initial_lr(group)))
+
+    def _timescale_lambdas(
+        self, buckets: list[_Bucket], total_steps: int, *, strict: bool
+    ) -> list[tuple[dict[str, Any], str, float, float]]:
+        """``(group, name, lr, λ)`` for each decayed group: λ whose timescale is ``timescale_fraction`` of the run."""
+        fraction = cast(float, self.options.timescale_fraction)
+        lr_scaled = self.options.mode in ("decoupled", "corrected")  # else the step at the peak is λ itself
+        out = []
+        for b in buckets:
+            if b.weight_decay <= 0:
+                continue
+            if b.rule_wd is not None:
+                self._problem(
+                    strict,
+                    f"timescale:{b.name}",
+                    f"`timescale_fraction` sets each decayed group's own `weight_decay`, but the tensors of group"
+                    f" {b.name!r} are decayed by `rules` (the group's own λ is 0). Build the optimizer from"
+                    " `lwd.build_param_groups(model, rules)` so that each group carries its λ.",
+                    later=" Its λ from the rules is kept.",
+                )
+                continue
+            lr = self._peak_lr(b.group) if lr_scaled else 1.0
+            if not lr > 0:
+                self._problem(
+                    strict,
+                    f"timescale-lr:{b.name}",
+                    f"`timescale_fraction` divides by the group's peak lr, but group {b.name!r} has lr={lr}. Start the"
+                    " group at its peak lr and warm up with a scheduler (which records `initial_lr`).",
+                    later=" Its λ is kept.",
+                )
+                continue
+            out.append((b.group, b.name, lr, weight_decay_from_timescale(fraction, lr=lr, total_steps=total_steps)))
+        return out
+
+    # ------------------------------------------------------------------ toward a reference
+    def _param_names(self) -> dict[int, str]:
+        """id(param) -> its name: the group's ``param_names`` (build_param_groups), else the module's."""
+        if self._names is None:
+            names: dict[int, str] = {}
+            module = self._module()
+            if module is not None:
+                names.update((id(p), n) for n, p in module.named_parameters(remove_duplicate=False))
+            for group in self.optimizer.param_groups:
+                listed = group.get("param_names")
+                if isinstance(listed, (list, tuple)) and len(listed) == len(group["params"]):
+                    names.update((id(p), str(n)) for p, n in zip(group["params"], listed, strict=True))
+            self._names = names
+        return self._names
+
+    def _link_reference(self, bucket: _Bucket, *, strict: bool) -> bool:
+        """Give ``bucket`` its references ``p0`` (known ones, else taken now); False when it cannot have any."""
+        assert self._reference is not None
+        if bucket.sharded:
+            self._problem(
+                strict,
+                f"toward-sharded:{bucket.name}",
+                f"`toward` keeps a full reference copy per parameter, but group {bucket.name!r} holds sharded"
+                " (DTensor) parameters, whose references would have to be saved per rank. Use `toward` with"
+                " unsharded parameters (DDP), or decay that group toward zero.",
+                later=" It is decayed toward zero.",
+            )
+            return False
+        missing = [p for p in bucket.params if id(p) not in self._reference]
+        new = dict(zip(map(id, missing), self._take_references(bucket, missing, strict=strict), strict=True))
+        self._reference.update(new)
+        bucket.reference = [[self._reference[id(p)] for p in chunk] for chunk in bucket.chunks]
+        return True
+
+    @torch.no_grad()
+    def _take_references(self, bucket: _Bucket, params: list[Tensor], *, strict: bool) -> list[Tensor]:
+        """Copies of ``params`` now (``toward="init"``), or their entries of the ``toward`` state dict."""
+        toward = self.options.toward
+        if not isinstance(toward, Mapping):
+            return [p.detach().clone() for p in params]
+        names = self._param_names()
+        by_key = {_reference_key(k): v for k, v in toward.items()}
+        out, problems = [], []
+        for p in params:
+            name = names.get(id(p))
+            ref = by_key.get(_reference_key(name)) if name is not None else None
+            if not isinstance(ref, Tensor) or ref.shape != p.shape:
+                got = "no entry" if ref is None else f"{type(ref).__name__} {tuple(getattr(ref, 'shape', ()))}"
+                problems.append(f"{name or '<unnamed>'} {tuple(p.shape)}: {got}")
+                out.append(p.detach().clone())
+            else:
+                out.append(ref.detach().to(device=p.device, dtype=p.dtype).clone())
+        if problems:
+            self._problem(
+                strict,
+                f"toward:{bucket.name}",
+                f"`toward` has no reference of the right shape for {len(problems)} decayed parameter(s) of group"
+                f" {bucket.name!r}: {'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}. Pass a state dict"
+                " with the model's parameter names (for example `pretrained.state_dict()` of the same architecture),"
+                " and give the engine `module=model` when the groups do not come from lwd.build_param_groups.",
+                later=" Those parameters are decayed toward their values when first decayed.",
+            )
+        return out
+
+    @property
+    def reference_nbytes(self) -> int:
+        """Bytes held by the ``toward`` references ``p0`` (0 without ``toward``): one copy per decayed parameter.
+
+        Examples:
+            >>> import torch, lightning_wd as lwd
+            >>> model = torch.nn.Linear(100, 10)   # weight decayed by the standard preset, bias not
+            >>> opt = torch.optim.SGD(lwd.build_param_groups(model, lwd.presets.standard(0.1)), lr=0.1)
+            >>> lwd.WeightDecay(opt, toward="init").reference_nbytes   # 1000 float32
+            4000
+        """
+        if not self._reference:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._reference.values())
+
     def _install(self, buckets: list[_Bucket]) -> None:
         for b in buckets:
             if "initial_lr" not in b.group:
                 b.group.setdefault(INITIAL_LR_KEY, b.group["lr"])
+            if self._reference is not None and b.reference is None and b.weight_decay > 0:
+                self._link_reference(b, strict=False)
         self._buckets = buckets
         self._sharded = any(b.sharded for b in buckets)
         self._signature = _signature(self.optimizer)
@@ -635,11 +907,12 @@ class WeightDecay:
             return
         migrate_legacy_groups_(self.optimizer)
         self._rule_plan = None
+        self._names = None
         self._install(self._plan(strict=False))
 
     @property
     def sharded(self) -> bool:
-        """Whether some decayed parameters are DTensors: then every rank must call :meth:`metrics` together."""
+        """Whether some decayed parameters are DTensors or FSDP1 shards: then every rank must call ``metrics``."""
         self._refresh()
         return self._sharded
 
@@ -651,7 +924,7 @@ class WeightDecay:
         self._refresh()
         groups = self.optimizer.param_groups
         saved = self._saved = [g.get("weight_decay") for g in groups]
-        snap = self.options.needs_snapshot(self.track_updates)
+        snap = self.options.needs_snapshot(self.track_updates or self.track_diagnostics)
         if snap:
             args, kwargs = self._snapshot_around_closure(args, kwargs)
         for g in groups:
@@ -663,7 +936,8 @@ class WeightDecay:
             for g, lam in zip(groups, saved, strict=True):
                 if lam is not None and g.get("weight_decay") == 0.0:  # a value written during the step wins
                     g["weight_decay"] = lam
-        self._decay(saved)
+        if not self.paused:
+            self._decay(saved)
         return out
 
     def _snapshot_around_closure(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -688,9 +962,9 @@ class WeightDecay:
 
     @torch.no_grad()
     def _take_snapshot(self) -> None:
-        track = self.track_updates
+        track = self.track_updates or self.track_diagnostics
         self._snapshot = [
-            [list(torch._foreach_mul(chunk, F._factor(1.0, chunk))) for chunk in _locals_of(b)]
+            [list(torch._foreach_mul(chunk, F._factor(1.0, chunk, {chunk[0].dtype}))) for chunk in _locals_of(b)]
             if track or self._bucket_wd(b, self._saved[b.index]) > 0
             else []
             for b in self._buckets
@@ -717,14 +991,22 @@ class WeightDecay:
         for index, bucket in enumerate(self._buckets):
             wd = self._bucket_wd(bucket, saved[bucket.index]) * multiplier
             befores = snapshot[index] if snapshot is not None and snapshot[index] else None
-            parts = self._parts(bucket, befores, wd > 0)
+            toward = (
+                self._reference is not None
+                and wd > 0
+                and (bucket.reference is not None or self._link_reference(bucket, strict=False))
+            )
+            parts = self._parts(bucket, befores, wd > 0 and not toward)  # (toward: per tensor, beside its p0)
             step: Tensor | float | None = None
-            bucket.update_norm = None
-            if parts and self.track_updates and parts[0].before:
+            bucket.update_norm = bucket.update_ratio = bucket.angular_update = None
+            if bucket.views is not None and self.track_updates and befores is not None:  # FSDP1: every rank reduces
                 deltas = [d for part in parts for d in torch._foreach_sub(part.tensors, part.before)]
+                bucket.update_norm = _views_norm(bucket, deltas, [lo for part in parts for lo in part.layouts])
+            elif parts and self.track_updates and parts[0].before:
+                deltas = _joined([list(torch._foreach_sub(part.tensors, part.before)) for part in parts])
                 layouts = [layout for part in parts for layout in part.layouts] if bucket.sharded else None
                 bucket.update_norm = F._global_norm(deltas, layouts)
-            if parts and wd > 0:
+            if (parts or bucket.views is not None) and wd > 0:
                 if befores is None and self.options.needs_snapshot(False):
                     self._problem(
                         False,
@@ -741,12 +1023,46 @@ class WeightDecay:
                         _warn_if_rounds_away(bucket, [part.tensors[0].dtype for part in parts], step)
                     for part in parts:
                         # one device and dtype per part, checked when the buckets were built: the unchecked kernels
-                        mask = F._cautious_mask(part.tensors, part.before) if self.options.cautious else None
-                        part.before.clear()  # last use of this chunk's copy: free it before the decay allocates
-                        F._apply_decay_(part.tensors, step, self.options.ord, mask)
+                        ref = self._references_of(bucket, part.params) if toward else None
+                        if ref is None and self.options.cautious and not self.track_diagnostics:
+                            # the copy's last use: the mask is formed in it, in the passes of the decay
+                            F._cautious_decay_(part.tensors, part.before, step, self.options.ord)
+                            part.before.clear()
+                            continue
+                        mask = self._mask(part, ref) if self.options.cautious else None
+                        if not self.track_diagnostics:
+                            part.before.clear()  # last use of this chunk's copy: free it before the decay allocates
+                        if ref is None:
+                            dtypes = {part.tensors[0].dtype}
+                            F._apply_decay_(part.tensors, step, self.options.ord, mask, dtypes, part.numel)
+                        else:
+                            F._apply_decay_toward_(part.tensors, ref, step, self.options.ord, mask)
                 bucket.checked_precision = True
+            if parts and self.track_diagnostics and parts[0].before:
+                layouts = [layout for part in parts for layout in part.layouts] if bucket.sharded else None
+                befores_ = [t for part in parts for t in part.before]
+                bucket.update_ratio, bucket.angular_update = F._angle(
+                    befores_, [t for part in parts for t in part.tensors], layouts
+                )
+                for part in parts:
+                    part.before.clear()
             bucket.last_wd, bucket.last_step = wd, step
         self.steps += 1
+
+    @staticmethod
+    def _mask(part: _Part, ref: list[Tensor] | None) -> list[Tensor]:
+        """Cautious: the coordinates the update moved toward zero, or toward ``p0`` when decaying toward it."""
+        if ref is None:
+            return F._cautious_mask(part.tensors, part.before)
+        return F._cautious_mask_toward(part.tensors, part.before, ref)
+
+    def _references_of(self, bucket: _Bucket, params: list[Tensor]) -> list[Tensor]:
+        """The ``p0`` of ``params`` (a chunk of ``bucket``, or the part of one that has gradients)."""
+        assert bucket.reference is not None and self._reference is not None
+        for chunk, refs in zip(bucket.chunks, bucket.reference, strict=True):
+            if params is chunk:
+                return refs
+        return [self._reference[id(p)] for p in params]
 
     def _parts(self, bucket: _Bucket, befores: list[list[Tensor]] | None, decays: bool) -> list[_Part]:
         """Per device/dtype chunk: the parameters with a gradient, and what the decay updates."""
@@ -760,10 +1076,11 @@ class WeightDecay:
             if not params:
                 continue
             flat = bucket.flat(c) if params is chunk and not before and decays else None
+            numel = bucket.numels[c] if params is chunk and bucket.numels else None
             if flat is not None:  # every tensor of a contiguous chunk: one kernel over its buffer
-                parts.append(_Part(params, [flat], [None], before))
+                parts.append(_Part(params, [flat], [None], before, numel))
             else:
-                parts.append(_Part(params, _local(params) if bucket.sharded else params, layouts, before))
+                parts.append(_Part(params, _local(params) if bucket.sharded else params, layouts, before, numel))
         return parts
 
     def _step_size(self, bucket: _Bucket, wd: float, parts: list[_Part]) -> Tensor | float:
@@ -777,6 +1094,11 @@ class WeightDecay:
             size = lr * wd
         elif mode == "independent":
             size = wd
+        elif mode == "corrected":  # AdamC: λ_t = λ η_t / η_max, applied with the lr: λ η_t² / η_max
+            peak = self._peak_lr(bucket.group)
+            if not peak:
+                return 0.0
+            size = wd * lr * lr / peak
         else:
             initial = self._initial_lr(bucket.group)
             if not initial:
@@ -806,8 +1128,10 @@ class WeightDecay:
         """``m`` over the whole bucket (all ranks' shards), on the tensors that have a gradient."""
         opts = self.options
         measure_of = F._mean_abs if opts.metric == "mean_abs" else F._rms
+        if bucket.views is not None:  # FSDP1: the counts are added up with the sums, over the shard groups
+            return self._views_measure(bucket, parts)
         if opts.source == "grad":  # gradients have their own placements: let the functional read them
-            grads = [cast(Tensor, p.grad) for part in parts for p in part.params]
+            grads = list(map(_grad_of, _joined([part.params for part in parts])))
             return F.mean_abs(grads) if opts.metric == "mean_abs" else F.rms(grads)
         if sum(len(part.params) for part in parts) == len(bucket.params):
             numel = bucket.numel  # every parameter has a gradient
@@ -815,45 +1139,89 @@ class WeightDecay:
             numel = sum(p.numel() for part in parts for p in part.params)  # of the whole tensors
         layouts = [layout for part in parts for layout in part.layouts] if bucket.sharded else None
         if opts.source == "params":
-            tensors = [t for part in parts for t in part.tensors]
-        elif opts.cautious:  # the mask still needs the copies
-            tensors = [d for part in parts for d in torch._foreach_sub(part.tensors, part.before)]
+            tensors = _joined([part.tensors for part in parts])
+        elif opts.cautious or self.track_diagnostics:  # the mask or the diagnostics still need the copies
+            tensors = _joined([list(torch._foreach_sub(part.tensors, part.before)) for part in parts])
         else:  # no second copy: before - after in place (m() does not depend on the sign)
             for part in parts:
                 torch._foreach_sub_(part.before, part.tensors)
-            tensors = [d for part in parts for d in part.before]
+            tensors = _joined([part.before for part in parts])
         return measure_of(tensors, layouts, numel)
+
+    def _views_measure(self, bucket: _Bucket, parts: list[_Part]) -> Tensor:
+        """``m`` of a bucket of FSDP1 views: from each rank's local views, with one ``all_reduce`` per shard group."""
+        opts = self.options
+        assert bucket.views is not None
+        layouts = [layout for part in parts for layout in part.layouts]
+        if opts.source == "grad":  # a view's gradient is sharded as the view
+            tensors = [cast(Tensor, p.grad) for part in parts for p in part.params]
+        elif opts.source == "params":
+            tensors = [t for part in parts for t in part.tensors]
+        else:
+            tensors = [d for part in parts for d in torch._foreach_sub(part.tensors, part.before)]
+        power = 1 if opts.metric == "mean_abs" else 2
+        total, count = _fsdp.reduced_sums(tensors, layouts, bucket.views, power, bucket.params[0].device)
+        mean = total / count.clamp(min=1.0)
+        return mean if power == 1 else mean.sqrt()
 
     # ------------------------------------------------------------------ metrics
     @torch.no_grad()
-    def metrics(self, *, grad_norm: bool = False, param_norm: bool = True) -> dict[str, float]:
+    def metrics(
+        self, *, grad_norm: bool = False, param_norm: bool = True, diagnostics: bool = False
+    ) -> dict[str, float]:
         """Per group, measured now: ``<group>/param_norm``, ``weight_decay``, ``timescale`` (or ``threshold``).
 
         ``weight_decay`` is the λ in force (the group's ``weight_decay`` times the schedule), ``timescale``
         ``1 / step`` of the last multiplicative decay (``threshold``, the last soft-threshold step, for
         ``ord=1``), ``update_norm`` the last step's update norm when ``track_updates`` is on, and
-        ``grad_norm`` the norm of the current gradients when asked for. One host synchronisation in
-        all. With sharded (DTensor) parameters every rank must call it, in the same order.
+        ``grad_norm`` the norm of the current gradients when asked for. With ``timescale_fraction``,
+        ``timescale_target`` is the timescale it aimed at (that fraction of the run, in steps). With
+        ``diagnostics``: ``effective_decay``, the last step's decay step size (η_t·λ in ``decoupled``
+        mode; 0 when nothing was decayed), and, for a step taken with ``track_diagnostics`` on,
+        ``update_ratio`` (``‖Δp‖ / ‖p‖`` over the group, Δp the whole step's change, optimizer and decay)
+        and ``angular_update`` (the angle in radians between the group's parameters before and after the
+        step). One host synchronisation in all. With sharded parameters (DTensors, FSDP1 shards) every
+        rank must call it, in the same order.
 
         Args:
             grad_norm: Also measure each group's gradient norm.
             param_norm: Measure each group's parameter norm.
+            diagnostics: Also report ``effective_decay``, ``update_ratio`` and ``angular_update``.
 
         Returns:
             ``{"<group>/<metric>": value}``.
+
+        Examples:
+            >>> import torch, lightning_wd as lwd
+            >>> model = torch.nn.Linear(2, 2, bias=False)
+            >>> optimizer = torch.optim.SGD(lwd.build_param_groups(model, lwd.presets.standard(0.5)), lr=0.1)
+            >>> decay = lwd.WeightDecay(optimizer)
+            >>> model(torch.ones(1, 2)).sum().backward()
+            >>> optimizer.step()
+            >>> metrics = decay.metrics(grad_norm=True)
+            >>> sorted(metrics)
+            ['decay/grad_norm', 'decay/param_norm', 'decay/timescale', 'decay/weight_decay']
+            >>> metrics["decay/timescale"]  # 1 / (lr * λ) steps
+            20.0
+            >>> decay.remove()
         """
         _flag(grad_norm, "grad_norm")
         _flag(param_norm, "param_norm")
+        _flag(diagnostics, "diagnostics")
         self._refresh()
         out: dict[str, Tensor | float] = {}
         multiplier = self._multiplier(self.steps)
         for b in self._buckets:
             name = b.name
             if param_norm:
-                out[f"{name}/param_norm"] = F.global_norm(b.whole())
+                out[f"{name}/param_norm"] = (
+                    F.global_norm(b.whole()) if b.views is None else _views_norm(b, *_with_layouts(b, grads=False))
+                )
             if grad_norm:
                 grads = [p.grad for p in b.params if p.grad is not None]
-                if grads:
+                if b.views is not None:  # FSDP1: every rank takes part, also with no gradient of its own
+                    out[f"{name}/grad_norm"] = _views_norm(b, *_with_layouts(b, grads=True))
+                elif grads:
                     out[f"{name}/grad_norm"] = F.global_norm(grads)
             if b.update_norm is not None:
                 out[f"{name}/update_norm"] = b.update_norm
@@ -866,28 +1234,118 @@ class WeightDecay:
                     out[f"{name}/threshold"] = step
                 else:
                     out[f"{name}/timescale"] = 1.0 / step if isinstance(step, Tensor) or step > 0 else math.inf
+            if self.options.timescale_fraction is not None and self._total_steps and b.weight_decay > 0:
+                out[f"{name}/timescale_target"] = float(self.options.timescale_fraction * self._total_steps)
+            if diagnostics:
+                out[f"{name}/effective_decay"] = step if step is not None else 0.0
+                if b.update_ratio is not None and b.angular_update is not None:
+                    out[f"{name}/update_ratio"] = b.update_ratio
+                    out[f"{name}/angular_update"] = b.angular_update
         return _to_floats(out)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """What a resume needs beside the optimizer's own state: the step count and the schedule's length.
 
-        λ is not in it: it lives in the optimizer's groups, saved with the optimizer.
+        λ is not in it: it lives in the optimizer's groups, saved with the optimizer. With ``toward``,
+        ``reference`` holds each decayed parameter's ``p0``, keyed by its position among the
+        optimizer's parameters (the numbering of the optimizer's own state dict).
+
+        Examples:
+            >>> import torch, lightning_wd as lwd
+            >>> model = torch.nn.Linear(2, 2)
+            >>> optimizer = torch.optim.SGD(lwd.build_param_groups(model), lr=0.1)
+            >>> decay = lwd.WeightDecay(optimizer)
+            >>> model(torch.ones(1, 2)).sum().backward()
+            >>> optimizer.step()
+            >>> decay.state_dict()
+            {'version': 2, 'steps': 1, 'total_steps': None}
+            >>> decay.remove()
         """
-        return {"version": _STATE_VERSION, "steps": self.steps, "total_steps": self._total_steps}
+        state: dict[str, Any] = {"version": _STATE_VERSION, "steps": self.steps, "total_steps": self._total_steps}
+        if self._reference is not None:
+            order = (p for g in self.optimizer.param_groups for p in g["params"])
+            state["reference"] = {i: self._reference[id(p)] for i, p in enumerate(order) if id(p) in self._reference}
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`.
+        """Restore ``state_dict``.
 
         Raises:
             TypeError: if ``state_dict`` is not a mapping, or its values have the wrong types.
-            ValueError: if it was not written by :meth:`state_dict` (unknown version or keys).
+            ValueError: if it was not written by ``state_dict`` (unknown version or keys), or its
+                ``reference`` does not fit the optimizer's parameters.
+
+        Examples:
+            >>> import torch, lightning_wd as lwd
+            >>> optimizer = torch.optim.SGD(lwd.build_param_groups(torch.nn.Linear(2, 2)), lr=0.1)
+            >>> decay = lwd.WeightDecay(optimizer)
+            >>> decay.load_state_dict({"version": 2, "steps": 100, "total_steps": 1000})  # saved with a checkpoint
+            >>> decay.steps
+            100
+            >>> decay.remove()
         """
         steps, total = check_engine_state(state_dict, "state_dict")
+        saved = state_dict.get("reference")
+        if saved is not None and self._reference is not None:
+            self._load_reference(saved)
         self.steps = steps
         if total is not None:
             self._total_steps = total
             self._schedule = _resolve_schedule(self.options.schedule, total)
+
+    @torch.no_grad()
+    def _load_reference(self, saved: Mapping[int, Tensor]) -> None:
+        """Put the saved ``p0`` in place, after checking all of them against the optimizer's parameters."""
+        assert self._reference is not None
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, ref in saved.items():
+            if i >= len(params) or params[i].shape != ref.shape:
+                got = f"parameter {i} has shape {tuple(params[i].shape)}" if i < len(params) else "there is none"
+                raise ValueError(
+                    f"`state_dict['reference'][{i}]` has shape {tuple(ref.shape)}, but {got} ({len(params)} parameters"
+                    " in the optimizer). Resume with the optimizer the state was saved with (the same groups, in the"
+                    " same order)."
+                )
+        for i, ref in saved.items():
+            p = params[i]
+            own = self._reference.get(id(p))
+            if own is not None:
+                own.copy_(ref)
+            else:
+                self._reference[id(p)] = ref.detach().to(device=p.device, dtype=p.dtype).clone()
+        for b in self._buckets:
+            if b.reference is not None:
+                b.reference = [[self._reference[id(p)] for p in chunk] for chunk in b.chunks]
+
+
+def _reference_key(name: str | None) -> str | None:
+    """A parameter name without wrapper components (``_orig_mod.``, a leading DDP ``module.``), to match state dicts."""
+    if name is None:
+        return None
+    parts = [p for p in name.split(".") if p not in _WRAPPER_ATTRS]
+    if len(parts) > 1 and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def _with_layouts(bucket: _Bucket, *, grads: bool) -> tuple[list[Tensor], list[F._Layout]]:
+    """The bucket's tensors (or the gradients there are) with their layouts, in chunk order."""
+    tensors: list[Tensor] = []
+    layouts: list[F._Layout] = []
+    for chunk, chunk_layouts in zip(bucket.chunks, bucket.layouts, strict=True):
+        for p, layout in zip(chunk, chunk_layouts, strict=True):
+            t = p.grad if grads else p
+            if t is not None:
+                tensors.append(t)
+                layouts.append(layout)
+    return tensors, layouts
+
+
+def _views_norm(bucket: _Bucket, tensors: list[Tensor], layouts: list[F._Layout]) -> Tensor:
+    """The L2 norm of FSDP1 views (local parts) over the whole tensors: one ``all_reduce`` per shard group."""
+    assert bucket.views is not None
+    return _fsdp.reduced_sums(tensors, layouts, bucket.views, 2, bucket.params[0].device)[0].sqrt()
 
 
 def _locals_of(bucket: _Bucket) -> list[list[Tensor]]:
@@ -906,13 +1364,13 @@ def _to_floats(metrics: Mapping[str, Tensor | float]) -> dict[str, float]:
 
 
 def check_engine_state(state: Any, argument: str) -> tuple[int, int | None]:
-    """``(steps, total_steps)`` of an engine state, checked (see :meth:`WeightDecay.load_state_dict`)."""
+    """``(steps, total_steps)`` of an engine state, checked (see ``WeightDecay.load_state_dict``)."""
     if not isinstance(state, Mapping):
         raise TypeError(
             f"`{argument}` must be a mapping written by WeightDecay.state_dict(), got {type(state).__name__} {state!r}."
             " Pass what state_dict() returned."
         )
-    unknown = sorted(set(state) - {"version", "steps", "total_steps"})
+    unknown = sorted(set(state) - {"version", "steps", "total_steps", "reference"})
     if state.get("version") != _STATE_VERSION or unknown:
         raise ValueError(
             f"`{argument}` was not written by WeightDecay.state_dict() (version {state.get('version')!r}, unknown keys"
@@ -925,6 +1383,15 @@ def check_engine_state(state: Any, argument: str) -> tuple[int, int | None]:
     if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
         raise TypeError(
             f"`{argument}['total_steps']` must be None or an int >= 1, got {total!r}. Pass what state_dict() returned."
+        )
+    reference = state.get("reference")
+    if reference is not None and (
+        not isinstance(reference, Mapping)
+        or not all(type(k) is int and k >= 0 and isinstance(v, Tensor) for k, v in reference.items())
+    ):
+        raise TypeError(
+            f"`{argument}['reference']` must be a dict of parameter positions (ints >= 0) to tensors, got"
+            f" {type(reference).__name__}. Pass what state_dict() returned."
         )
     return steps, total
 

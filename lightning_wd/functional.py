@@ -2,9 +2,9 @@
 
 Every function takes a list of tensors and works with ``torch._foreach_*`` kernels, so a
 whole parameter group costs a handful of kernel launches whatever its number of
-tensors. Lists mixing devices or dtypes are correct but slower (and :func:`apply_decay_` with a
+tensors. Lists mixing devices or dtypes are correct but slower (and ``apply_decay_`` with a
 tensor step needs one device): callers that run every step split them once with
-:func:`group_by_device_and_dtype` and keep the pieces.
+``group_by_device_and_dtype`` and keep the pieces.
 
 A step size may be a Python number or a 0-dim tensor (for example one that depends on
 a norm computed on the device, or on an AMP scaler's ``found_inf``): neither forces a
@@ -18,21 +18,29 @@ value would need a host synchronisation.
 
 Sharded tensors (``DTensor``, as FSDP2's ``fully_shard`` and tensor parallelism make them):
 
-* the decay is elementwise, so :func:`apply_decay_` and :func:`cautious_mask` are given each
+* the decay is elementwise, so ``apply_decay_`` and ``cautious_mask`` are given each
   process's local shards (``t.to_local()``, which shares the DTensor's storage) and are exact
   for ``Shard`` and ``Replicate`` placements;
-* :func:`global_norm`, :func:`mean_abs` and :func:`rms` accept DTensors, plain tensors, or a
+* ``global_norm``, ``mean_abs`` and ``rms`` accept DTensors, plain tensors, or a
   mix of both, and return the value over the *whole* tensors on every process: each process
   reduces its local shards, tensors that share a device mesh and sharded mesh dimensions
   together, and adds up each such partial result with one ``all_reduce`` per sharded mesh
   dimension (never one per tensor). Replicated mesh dimensions and plain tensors (taken as
   the same on every process) are counted once. Every process of the mesh must call them,
   with the same list, in the same order.
+
+Examples:
+    >>> import torch, lightning_wd as lwd
+    >>> params = [torch.ones(2), torch.full((3,), -2.0)]
+    >>> lwd.functional.apply_decay_(params, 0.1)  # p <- p * (1 - 0.1), one foreach kernel
+    >>> params
+    [tensor([0.9000, 0.9000]), tensor([-1.8000, -1.8000, -1.8000])]
+    >>> lwd.functional.global_norm(params)
+    tensor(3.3675)
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
@@ -43,8 +51,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_wd._compat import DTENSOR_TYPES, REPLICATE, STRIDED_SHARD_TYPES
+
 __all__ = [
     "apply_decay_",
+    "apply_decay_toward_",
     "cautious_mask",
     "flat_view",
     "global_norm",
@@ -63,26 +74,9 @@ if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
 
-def _find(*paths: str) -> Any:
-    """The first of ``"module:name"`` that imports, else None (torch 2.4 keeps DTensor under a private
-    module name; a build without ``torch.distributed`` has none)."""
-    for path in paths:
-        module, _, name = path.partition(":")
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, RuntimeError):
-            continue
-    return None
-
-
-_DTENSOR: tuple[type, ...] = tuple(
-    c for c in [_find("torch.distributed.tensor:DTensor", "torch.distributed._tensor:DTensor")] if c is not None
-)
-_REPLICATE: Any = _find("torch.distributed.tensor:Replicate", "torch.distributed._tensor:Replicate")
-# A shard with a stride (FSDP2 over tensor parallelism): not a subclass of Shard in recent torch.
-_STRIDED_SHARD: tuple[type, ...] = tuple(
-    c for c in [_find("torch.distributed.tensor.placement_types:_StridedShard")] if c is not None
-)
+_DTENSOR = DTENSOR_TYPES
+_REPLICATE = REPLICATE
+_STRIDED_SHARD = STRIDED_SHARD_TYPES
 
 #: How a tensor's elements are spread over processes: ``None`` for a tensor every process holds
 #: whole (a plain tensor, or a DTensor replicated on every mesh dimension), else the device mesh and
@@ -192,8 +186,7 @@ def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
     Raises:
         TypeError: if ``tensors`` is not a list of tensors.
 
-    Example::
-
+    Examples:
         >>> a, b, c = torch.zeros(2), torch.zeros(2, dtype=torch.float64), torch.ones(3)
         >>> [[t.shape[0] for t in ts] for ts in group_by_device_and_dtype([a, b, c])]
         [[2, 3], [2]]
@@ -217,7 +210,7 @@ def make_contiguous_(tensors: Sequence[Tensor]) -> Tensor:
     on CPU, where ``torch._foreach_*`` calls the operator once per tensor, that is what brings the
     decay of thousands of small parameters to the speed of one large one. Call it once the
     parameters are on their device (``Module.to`` gives each its own storage again) and before
-    the optimizer holds state for them; :class:`~lightning_wd.WDMixin` does it per parameter group
+    the optimizer holds state for them; ``WDMixin`` does it per parameter group
     with ``contiguous_parameters = True``.
 
     Args:
@@ -231,8 +224,7 @@ def make_contiguous_(tensors: Sequence[Tensor]) -> Tensor:
         ValueError: if ``tensors`` is empty, mixes devices or dtypes, holds a tensor twice, or holds a
             tensor subclass such as a DTensor (whose storage is a shard).
 
-    Example::
-
+    Examples:
         >>> a, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.zeros(3))
         >>> buffer = make_contiguous_([a, b])
         >>> buffer
@@ -278,15 +270,14 @@ def make_contiguous_(tensors: Sequence[Tensor]) -> Tensor:
 def flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
     """One 1-D view covering ``tensors`` when they lie back to back in one storage, else None.
 
-    True for the parameters laid out by :func:`make_contiguous_` (in that order, none replaced
+    True for the parameters laid out by ``make_contiguous_`` (in that order, none replaced
     since); the view shares their memory, so an elementwise in-place operation on it updates
     them all at once.
 
     Raises:
         TypeError: if ``tensors`` is not a list of tensors.
 
-    Example::
-
+    Examples:
         >>> buffer = torch.arange(6.0)
         >>> a, b = buffer[:2].view(1, 2), buffer[2:]
         >>> flat_view([a, b]).mul_(10)
@@ -350,7 +341,7 @@ def _factor(value: float, tensors: list[Tensor], dtypes: set[torch.dtype] | None
 
 
 def _add_(tensors: list[Tensor], value: float) -> None:
-    """``t += value`` for every tensor; fast on CPU as :func:`_factor` explains.
+    """``t += value`` for every tensor; fast on CPU as ``_factor`` explains.
 
     The ``List`` overload is the one that takes a 0-dim tensor as it is (``Tensor`` would not).
     """
@@ -438,8 +429,7 @@ def apply_decay_(
             dimensions, ``ord`` is not 1 or 2, ``mask`` does not have one tensor per tensor of the same
             shape and device, or a tensor ``step`` comes with tensors on several devices.
 
-    Example::
-
+    Examples:
         >>> p = [torch.tensor([1.0, -2.0]), torch.tensor([0.05])]
         >>> apply_decay_(p, 0.1)
         >>> p
@@ -481,11 +471,19 @@ def _apply_decay_(
     ord: int,
     mask: list[Tensor] | None,
     dtypes: set[torch.dtype] | None = None,
+    numel: int | None = None,
 ) -> None:
-    """:func:`apply_decay_` without its checks, for callers that have checked their lists once (call under no_grad)."""
+    """``apply_decay_`` without its checks, for callers that have checked their lists once (call under no_grad).
+
+    ``dtypes`` (the set of the tensors' dtypes) and ``numel`` (their element count), where the caller
+    has them, save passes over the list.
+    """
     if not tensors:
         return
     step = _on(step, tensors[0].device)
+    if ord == 1 and not isinstance(step, Tensor) and _exact_dtypes(tensors, dtypes):
+        _soft_threshold_(tensors, step, mask, numel)
+        return
 
     if ord == 2:
         if mask is None:
@@ -519,6 +517,81 @@ def _apply_decay_(
     torch._foreach_add_(tensors, shrunk)
 
 
+#: Lists of at most this many tensors, or of tensors of at least this many elements on average, are
+#: worked on tensor by tensor where a single-pass operator exists that foreach kernels lack: the
+#: Python call per tensor is then negligible beside the pass over its memory.
+_FEW_TENSORS = 8
+_LARGE_TENSOR = 1 << 15
+
+
+def _few_large(tensors: list[Tensor], numel: int | None) -> bool:
+    count = len(tensors)
+    return count <= _FEW_TENSORS or (numel is not None and numel >= count * _LARGE_TENSOR)
+
+
+def _exact_dtypes(tensors: list[Tensor], dtypes: set[torch.dtype] | None) -> bool:
+    """Whether every tensor is float32 or float64 (where a Python step rounds to the tensors' dtype in every kernel)."""
+    found = dtypes if dtypes is not None else set(map(_dtype_of, tensors))
+    return found <= set(_EXACT_FACTOR_DTYPES)
+
+
+def _soft_threshold_(tensors: list[Tensor], step: float, mask: list[Tensor] | None, numel: int | None) -> None:
+    """``p <- p - clamp(p, -step, step)`` (= ``sign(p) max(|p| - step, 0)``), or only where ``mask`` is 1.
+
+    Float32 and float64 tensors only (the caller checks): there the step rounds to the tensors' dtype
+    in every kernel, so each path gives the bits of ``sign(p) * max(|p| - step, 0)``. A few large
+    tensors (a contiguous group's one buffer) take ``softshrink`` written in place: one pass over
+    memory; longer lists take three foreach passes (clamp into a new buffer, then subtract).
+    """
+    if mask is None and _few_large(tensors, numel):
+        softshrink = torch.ops.aten.softshrink.out
+        for t in tensors:
+            softshrink(t, step, out=t)
+        return
+    clipped = list(torch._foreach_clamp_max(tensors, step))
+    torch._foreach_clamp_min_(clipped, -step)
+    if mask is not None:
+        torch._foreach_mul_(clipped, mask)
+    torch._foreach_sub_(tensors, clipped)
+
+
+def _cautious_decay_(tensors: list[Tensor], before: list[Tensor], step: Step, ord: int) -> None:
+    """Decay only where ``(tensors - before) * before < 0``, using ``before`` as the scratch (it is consumed).
+
+    The engine's cautious step, in fewer passes and one temporary less than ``cautious_mask``
+    followed by ``apply_decay_``: ``before`` becomes ``q = sign(min((p - b) b, 0))``, -1 where
+    the update moved the coordinate toward zero and 0 elsewhere, and then
+
+    * ``ord=2``: ``p <- p + step * p * q`` (one ``addcmul``: ``p (1 - step)`` where ``q = -1``, to
+      the last bit of a fused multiply-add, and ``p`` exactly elsewhere);
+    * ``ord=1``: ``p <- p + q * clamp(p, -step, step)`` (the soft threshold where ``q = -1``).
+
+    Call under no_grad with lists of one device and dtype, checked by the caller.
+    """
+    if not tensors:
+        return
+    step = _on(step, tensors[0].device)
+    delta = list(torch._foreach_sub(tensors, before))
+    torch._foreach_mul_(before, delta)
+    del delta
+    torch._foreach_clamp_max_(before, 0.0)
+    torch._foreach_sign_(before)
+    if ord == 2:
+        if isinstance(step, Tensor):
+            torch._foreach_mul_(before, step)
+            torch._foreach_addcmul_(tensors, tensors, before)
+        else:
+            torch._foreach_addcmul_(tensors, tensors, before, value=step)
+        return
+    if isinstance(step, Tensor) or not _exact_dtypes(tensors, None):
+        torch._foreach_neg_(before)  # the 0/1 mask of apply_decay_
+        _apply_decay_(tensors, step, ord, before)
+        return
+    clipped = list(torch._foreach_clamp_max(tensors, step))
+    torch._foreach_clamp_min_(clipped, -step)
+    torch._foreach_addcmul_(tensors, clipped, before)
+
+
 @torch.no_grad()
 def cautious_mask(after: Sequence[Tensor], before: Sequence[Tensor]) -> list[Tensor]:
     """Coordinates that the optimizer's update moved toward zero.
@@ -537,8 +610,7 @@ def cautious_mask(after: Sequence[Tensor], before: Sequence[Tensor]) -> list[Ten
         TypeError: if ``after`` or ``before`` is not a list of tensors.
         ValueError: if ``before`` does not have one tensor of the same shape per tensor of ``after``.
 
-    Example::
-
+    Examples:
         >>> before = [torch.tensor([1.0, 1.0, -1.0, -1.0])]
         >>> after = [torch.tensor([0.5, 1.5, -0.5, -1.5])]
         >>> cautious_mask(after, before)
@@ -561,7 +633,7 @@ def cautious_mask(after: Sequence[Tensor], before: Sequence[Tensor]) -> list[Ten
 
 
 def _cautious_mask(after: list[Tensor], before: list[Tensor]) -> list[Tensor]:
-    """:func:`cautious_mask` without its checks, for callers that have checked their lists (call under no_grad)."""
+    """``cautious_mask`` without its checks, for callers that have checked their lists (call under no_grad)."""
     delta = list(torch._foreach_sub(after, before))
     torch._foreach_mul_(delta, before)
     torch._foreach_sign_(delta)
@@ -570,12 +642,147 @@ def _cautious_mask(after: list[Tensor], before: list[Tensor]) -> list[Tensor]:
     return delta
 
 
+def _check_reference(reference: Any, tensors: list[Tensor]) -> list[Tensor]:
+    """``reference`` as a list: one tensor per tensor, of its shape, dtype and device."""
+    refs = _tensor_list(reference, "reference")
+    if len(refs) != len(tensors):
+        raise ValueError(
+            f"`reference` has {len(refs)} tensors for {len(tensors)} tensors; give one reference per tensor, in the"
+            " same order (for example `[p.detach().clone() for p in params]` taken at the start)."
+        )
+    for i, (r, t) in enumerate(zip(refs, tensors, strict=True)):
+        if r.shape != t.shape or r.dtype != t.dtype or r.device != t.device:
+            raise ValueError(
+                f"`reference[{i}]` is {tuple(r.shape)} {r.dtype} on {r.device} for a tensor {tuple(t.shape)} {t.dtype}"
+                f" on {t.device}; give each reference the shape, dtype and device of its tensor, for example"
+                " `r.to(t)`."
+            )
+    return refs
+
+
+@torch.no_grad()
+def apply_decay_toward_(
+    tensors: Sequence[Tensor],
+    reference: Sequence[Tensor],
+    step: Step,
+    *,
+    ord: Literal[1, 2] = 2,
+    mask: Sequence[Tensor] | None = None,
+) -> None:
+    """Apply one weight-decay step toward reference values ``p0`` instead of toward zero, in place.
+
+    * ``ord=2``: ``p <- p - step * (p - p0)`` (L2-SP, Li et al. 2018: the penalty ``λ/2 ‖p - p0‖²``).
+    * ``ord=1``: ``p <- p0 + sign(p - p0) * max(|p - p0| - step, 0)``, the soft threshold of ``p - p0``,
+      which puts coordinates that moved less than ``step`` exactly back on ``p0``.
+
+    With ``mask`` (0/1 tensors shaped like ``tensors``), only the coordinates where it is 1 are
+    decayed. Every argument is checked before any tensor is touched.
+
+    Args:
+        tensors: Floating-point tensors to decay, modified in place.
+        reference: One tensor per tensor, of its shape, dtype and device: the values decayed toward.
+        step: Step size ``η·λ``: a finite Python number >= 0, or a 0-dim floating-point tensor
+            (used as given). With ``ord=2`` a step above 1 overshoots ``p0``.
+        ord: 2 for the multiplicative (L2) decay, 1 for the L1 soft threshold.
+        mask: Optional 0/1 tensors selecting the coordinates to decay, one per tensor.
+
+    Raises:
+        TypeError: as ``apply_decay_``, and if ``reference`` is not a list of tensors.
+        ValueError: as ``apply_decay_``, and if ``reference`` does not have one tensor of the same
+            shape, dtype and device per tensor.
+
+    Examples:
+        >>> p, p0 = [torch.tensor([1.0, -2.0, 0.5])], [torch.tensor([0.0, -1.0, 0.45])]
+        >>> apply_decay_toward_(p, p0, 0.5)
+        >>> p
+        [tensor([ 0.5000, -1.5000,  0.4750])]
+        >>> apply_decay_toward_(p, p0, 0.1, ord=1)
+        >>> p
+        [tensor([ 0.4000, -1.4000,  0.4500])]
+    """
+    tensors = _tensor_list(tensors)
+    _check_step(step)
+    _check_decay_ord(ord)
+    refs = _check_reference(reference, tensors)
+    masks = None if mask is None else _check_mask(mask, tensors, set())
+    if not tensors:
+        return
+    _float_dtypes(tensors)
+    if isinstance(step, Tensor) and len(set(map(_device_of, tensors))) > 1:
+        raise ValueError(
+            "`tensors` spans several devices, but a tensor `step` lives on one. Split the list with"
+            " `group_by_device_and_dtype(tensors)` and decay each part, or pass a Python number."
+        )
+    _apply_decay_toward_(tensors, refs, step, ord, masks)
+
+
+def _apply_decay_toward_(
+    tensors: list[Tensor], reference: list[Tensor], step: Step, ord: int, mask: list[Tensor] | None
+) -> None:
+    """``apply_decay_toward_`` without its checks (one device and dtype; call under no_grad)."""
+    if not tensors:
+        return
+    step = _on(step, tensors[0].device)
+    if ord == 2:
+        if mask is not None:
+            torch._foreach_lerp_(tensors, reference, list(torch._foreach_mul(mask, step)))
+        elif isinstance(step, Tensor):
+            torch._foreach_lerp_(tensors, reference, [step.to(tensors[0].dtype)] * len(tensors))
+        else:
+            torch._foreach_lerp_(tensors, reference, step)  # p + step (p0 - p): no temporary
+        return
+    # L1: target = p0 + sign(d) * max(|d| - step, 0) with d = p - p0; p <- target (or only where the mask is 1)
+    target = list(torch._foreach_sub(tensors, reference))
+    shrunk = list(torch._foreach_abs(target))
+    if isinstance(step, Tensor):
+        torch._foreach_add_(shrunk, step, alpha=-1)
+    else:
+        _add_(shrunk, -step)
+    torch._foreach_clamp_min_(shrunk, 0.0)
+    torch._foreach_sign_(target)
+    torch._foreach_mul_(target, shrunk)
+    torch._foreach_add_(target, reference)
+    if mask is None:
+        torch._foreach_copy_(tensors, target)
+        return
+    torch._foreach_sub_(target, tensors)
+    torch._foreach_mul_(target, mask)
+    torch._foreach_add_(tensors, target)
+
+
+def _cautious_mask_toward(after: list[Tensor], before: list[Tensor], reference: list[Tensor]) -> list[Tensor]:
+    """Coordinates the optimizer's update moved toward ``reference``: ``(after - before) (before - p0) < 0``."""
+    delta = list(torch._foreach_sub(after, before))
+    torch._foreach_mul_(delta, torch._foreach_sub(before, reference))
+    torch._foreach_sign_(delta)
+    torch._foreach_neg_(delta)
+    torch._foreach_clamp_min_(delta, 0.0)
+    return delta
+
+
+def _angle(before: list[Tensor], after: list[Tensor], layouts: Sequence[_Layout] | None) -> tuple[Tensor, Tensor]:
+    """``(‖after - before‖ / ‖before‖, angle between before and after in radians)`` over the whole list.
+
+    The angle is ``2 asin(‖b/‖b‖ - a/‖a‖‖ / 2)``, exact for small angles (``acos`` of the cosine
+    loses them to rounding). Reduced-precision tensors are measured in float32.
+    """
+    before = [t.float() for t in before]
+    after = [t.float() for t in after]
+    norm_before = _global_norm(before, layouts).clamp_min(torch.finfo(torch.float32).tiny)
+    norm_after = _global_norm(after, layouts).clamp_min(torch.finfo(torch.float32).tiny)
+    ratio = _global_norm(list(torch._foreach_sub(after, before)), layouts) / norm_before
+    unit = list(torch._foreach_mul(before, norm_before.reciprocal()))
+    torch._foreach_sub_(unit, torch._foreach_mul(after, norm_after.reciprocal()))
+    chord = _global_norm(unit, layouts)
+    return ratio, 2 * torch.asin((chord / 2).clamp(max=1.0))
+
+
 def _is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     return isinstance(t, _DTENSOR)
 
 
 def _layout(t: Tensor) -> _Layout:
-    """The :data:`_Layout` of ``t``: the mesh dimensions over which a DTensor's elements are sharded.
+    """The ``_Layout`` of ``t``: the mesh dimensions over which a DTensor's elements are sharded.
 
     Raises:
         ValueError: if ``t`` is a DTensor with a placement other than ``Shard`` and ``Replicate``
@@ -598,7 +805,7 @@ def _layout(t: Tensor) -> _Layout:
 
 @torch.no_grad()
 def _split(tensors: Sequence[Tensor]) -> tuple[Sequence[Tensor], list[_Layout] | None]:
-    """Each tensor's local part and :data:`_Layout` (None for a list without DTensors).
+    """Each tensor's local part and ``_Layout`` (None for a list without DTensors).
 
     A ``Partial`` DTensor is reduced first (one collective for that tensor).
     """
@@ -634,9 +841,46 @@ def _norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
             if group[0].dtype in _NARROW_DTYPES
             else torch.stack(torch._foreach_norm(group, ord)).float()
         ).to(device, non_blocking=True)
-        for group in group_by_device_and_dtype(tensors)
+        for group in _by_device_and_dtype(tensors)
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
+    """``group_by_device_and_dtype`` with a C-speed test for the common list of one device and dtype."""
+    if len(set(map(_dtype_of, tensors))) == 1 and len(set(map(_device_of, tensors))) == 1:
+        return [tensors if isinstance(tensors, list) else list(tensors)]
+    return group_by_device_and_dtype(tensors)
+
+
+#: Elements per block of the CPU sum of absolute values: a block and its absolute values stay in cache.
+_ABS_BLOCK = 1 << 18
+
+
+def _abs_sum(tensors: Sequence[Tensor]) -> Tensor:
+    """``sum |x|`` over all elements of ``tensors`` (float32, 0-dim, on the first tensor's device).
+
+    On CPU, the foreach L1 norm reduces element by element, several times slower than a pass over
+    memory; a few large float32/float64 tensors (a contiguous group's buffer) are instead summed in
+    blocks that stay in cache: absolute values into one scratch block, then the vectorised sum.
+    Everything else is reduced with the foreach norms.
+    """
+    first = tensors[0]
+    dtype = first.dtype
+    if not (
+        len(tensors) <= _FEW_TENSORS
+        and dtype in _EXACT_FACTOR_DTYPES
+        and all(type(t) in _PLAIN_CLASSES and t.is_cpu and t.dtype == dtype and t.is_contiguous() for t in tensors)
+    ):
+        return _norms(tensors, 1).sum()
+    sums = []
+    scratch = torch.empty(min(_ABS_BLOCK, max(map(Tensor.numel, tensors))), dtype=dtype)
+    for t in tensors:
+        for block in t.detach().reshape(-1).split(_ABS_BLOCK):
+            out = scratch[: block.numel()]
+            torch.abs(block, out=out)
+            sums.append(out.sum())
+    return torch.stack(sums).sum().float()
 
 
 def _local_power_sum(tensors: Sequence[Tensor], ord: float) -> Tensor:
@@ -647,9 +891,9 @@ def _local_power_sum(tensors: Sequence[Tensor], ord: float) -> Tensor:
         if not nonempty:
             return torch.zeros((), dtype=torch.float32, device=tensors[0].device)
         return _norms(nonempty, ord).amax()
-    norms = _norms(tensors, ord)
     if ord == 1:
-        return norms.sum()
+        return _abs_sum(tensors)
+    norms = _norms(tensors, ord)
     if ord == 2:
         return norms.square().sum()
     return norms.pow(ord).sum()
@@ -658,7 +902,7 @@ def _local_power_sum(tensors: Sequence[Tensor], ord: float) -> Tensor:
 def _power_sum(tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, ord: float) -> Tensor:
     """``sum |x|^ord`` (``max |x|`` for ``ord=inf``) over all elements of the whole tensors.
 
-    ``tensors`` are local parts and ``layouts`` their :data:`_Layout` (None: all held whole): the sums
+    ``tensors`` are local parts and ``layouts`` their ``_Layout`` (None: all held whole): the sums
     of tensors that share a layout are added up over each sharded mesh dimension with one
     ``all_reduce``; the result is a float32 0-dim tensor on the first tensor's device, the same on
     every process.
@@ -699,17 +943,17 @@ def _root(total: Tensor, ord: float) -> Tensor:
 
 
 def _global_norm(tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, ord: float = 2.0) -> Tensor:
-    """:func:`global_norm` of local parts with their :data:`_Layout` (for example sharded updates)."""
+    """``global_norm`` of local parts with their ``_Layout`` (for example sharded updates)."""
     return _root(_power_sum(tensors, layouts, ord), ord)
 
 
 def _mean_abs(tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, numel: int) -> Tensor:
-    """:func:`mean_abs` of local parts with their :data:`_Layout`; ``numel`` is the whole tensors' count."""
+    """``mean_abs`` of local parts with their ``_Layout``; ``numel`` is the whole tensors' count."""
     return _power_sum(tensors, layouts, 1.0) / max(numel, 1)
 
 
 def _rms(tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, numel: int) -> Tensor:
-    """:func:`rms` of local parts with their :data:`_Layout`; ``numel`` is the whole tensors' count."""
+    """``rms`` of local parts with their ``_Layout``; ``numel`` is the whole tensors' count."""
     return _power_sum(tensors, layouts, 2.0).div(max(numel, 1)).sqrt()
 
 
@@ -730,8 +974,7 @@ def global_norm(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
         ValueError: if ``tensors`` is empty, ``ord`` is not a number > 0, or a DTensor has a placement
             other than Shard, Replicate and Partial.
 
-    Example::
-
+    Examples:
         >>> global_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
         >>> global_norm([torch.tensor([3.0], dtype=torch.float64), torch.tensor([-4.0])], ord=1.0)
@@ -745,14 +988,14 @@ def global_norm(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
 
 
 def _numel(tensors: Sequence[Tensor]) -> int:
-    return sum(t.numel() for t in tensors)  # a DTensor's numel is that of the whole tensor
+    return sum(map(Tensor.numel, tensors))  # a DTensor's numel is that of the whole tensor
 
 
 @torch.no_grad()
 def mean_abs(tensors: Sequence[Tensor], numel: int | None = None) -> Tensor:
     """Mean absolute value over all elements of ``tensors`` (float32, 0-dim).
 
-    DTensors count with all their elements on every process, as in :func:`global_norm`.
+    DTensors count with all their elements on every process, as in ``global_norm``.
 
     Args:
         tensors: The tensors (at least one): plain tensors and DTensors, float64 included.
@@ -764,8 +1007,7 @@ def mean_abs(tensors: Sequence[Tensor], numel: int | None = None) -> Tensor:
         ValueError: if ``tensors`` is empty, ``numel`` is negative, or a DTensor has a placement other than
             Shard, Replicate and Partial.
 
-    Example::
-
+    Examples:
         >>> mean_abs([torch.tensor([1.0, -3.0]), torch.tensor([2.0])])
         tensor(2.)
     """
@@ -780,7 +1022,7 @@ def mean_abs(tensors: Sequence[Tensor], numel: int | None = None) -> Tensor:
 def rms(tensors: Sequence[Tensor], numel: int | None = None) -> Tensor:
     """Root mean square over all elements of ``tensors`` (float32, 0-dim).
 
-    DTensors count with all their elements on every process, as in :func:`global_norm`.
+    DTensors count with all their elements on every process, as in ``global_norm``.
 
     Args:
         tensors: The tensors (at least one): plain tensors and DTensors, float64 included.
@@ -792,8 +1034,7 @@ def rms(tensors: Sequence[Tensor], numel: int | None = None) -> Tensor:
         ValueError: if ``tensors`` is empty, ``numel`` is negative, or a DTensor has a placement other than
             Shard, Replicate and Partial.
 
-    Example::
-
+    Examples:
         >>> rms([torch.tensor([3.0]), torch.tensor([-4.0, 0.0, 0.0])])
         tensor(2.5000)
     """

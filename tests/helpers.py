@@ -59,6 +59,29 @@ def RunIf(*, cuda: bool = False, min_cuda_gpus: int = 0, min_torch: str | None =
     return decorate
 
 
+def cpu_backward_supports(dtype: torch.dtype) -> bool:
+    """Whether this torch differentiates a loss in ``dtype`` on CPU (older releases lack half kernels)."""
+    try:
+        x = torch.ones(2, dtype=dtype, requires_grad=True)
+        torch.nn.functional.mse_loss(x, torch.zeros(2, dtype=dtype)).backward()
+    except RuntimeError:
+        return False
+    return True
+
+
+def unsafe_load_kwargs() -> dict[str, Any]:
+    """``weights_only=False`` for ``Trainer.fit`` / ``load_from_checkpoint`` where Lightning takes it (2.5+).
+
+    Older releases load checkpoints with torch's own default, which allows the pickled optimizer
+    partials these tests save with their hyper-parameters.
+    """
+    import inspect
+
+    import lightning as L
+
+    return {"weights_only": False} if "weights_only" in inspect.signature(L.Trainer.fit).parameters else {}
+
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Variables a distributed launch leaves in ``os.environ`` (Lightning's ``ddp_spawn`` sets MASTER_PORT
 #: in the test process itself).

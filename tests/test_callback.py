@@ -29,6 +29,7 @@ from tests.callback_helpers import (
     loader,
     trainer,
 )
+from tests.helpers import cpu_backward_supports
 
 WDS = dict.fromkeys(DECAYED, WD)
 
@@ -200,6 +201,7 @@ def test_bf16_mixed_matches_reference(tmp_path):
     assert recorder.checked == 5
 
 
+@pytest.mark.skipif(not cpu_backward_supports(torch.bfloat16), reason="this torch has no bf16 backward on CPU")
 def test_low_precision_parameters_warn_when_decay_rounds_away(tmp_path):
     model = WDNet(optimizer=partial(torch.optim.SGD, lr=1e-4))
     with pytest.warns(UserWarning, match="rounds to nothing"):

@@ -19,6 +19,7 @@ from torch import nn
 
 import lightning_wd as lwd
 from lightning_wd import schedules
+from tests.helpers import cpu_backward_supports
 
 LR, WD = 0.1, 0.3
 
@@ -311,6 +312,7 @@ def test_wrappers_of_lightning_and_fabric_are_unwrapped():
         lwd.WeightDecay(torch.optim.lr_scheduler.StepLR(opt, 1))
 
 
+@pytest.mark.skipif(not cpu_backward_supports(torch.half), reason="this torch has no half backward on CPU")
 def test_half_after_setup_rebuilds_and_warns_that_the_decay_rounds_away():
     net = model()
     opt = torch.optim.SGD(lwd.build_param_groups(net, lwd.presets.standard(1e-5)), lr=1e-3)
@@ -416,6 +418,14 @@ ENGINE_ROWS = [
     ("schedule", dict(schedule=schedules.Cosine()), ValueError, "pass `total_steps=`"),
     ("total_steps", dict(total_steps=0), ValueError, "Pass for example total_steps="),
     ("track_updates", dict(track_updates=1), TypeError, "Pass a bool"),
+    ("track_diagnostics", dict(track_diagnostics="on"), TypeError, "Pass a bool"),
+    ("toward", dict(toward="pretrained"), ValueError, "use 'init'"),
+    ("toward", dict(toward=[1.0]), TypeError, r"Pass 'init' or for example `pretrained\.state_dict\(\)`"),
+    ("toward", dict(toward="init", mode="relative"), ValueError, "Use mode='decoupled'"),
+    ("toward", dict(toward={"missing": torch.zeros(1)}), ValueError, "no reference of the right shape"),
+    ("timescale_fraction", dict(timescale_fraction=0.0, total_steps=10), ValueError, "timescale_fraction=0.25"),
+    ("timescale_fraction", dict(timescale_fraction=0.5, ord=1, total_steps=10), ValueError, "Use ord=2"),
+    ("timescale_fraction", dict(timescale_fraction=0.5), ValueError, "pass `total_steps=`"),
 ]
 
 

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 import lightning_wd as lwd
+from tests.helpers import unsafe_load_kwargs
 
 NO_DECAY = ["layer.0.bias", "layer.1.weight", "layer.1.bias", "layer.2.bias"]
 DECAY = ["layer.0.weight", "layer.2.weight"]
@@ -116,7 +117,7 @@ def test_optimizer_state_round_trips_through_a_checkpoint(tmp_path):
     recorder = RecordOptimizerAtStart()
     second = trainer(tmp_path, max_steps=5, callbacks=[recorder])
     # The hyperparameters hold a functools.partial: the checkpoint is not a weights-only one.
-    second.fit(LitWD(), ckpt_path=path, weights_only=False)
+    second.fit(LitWD(), ckpt_path=path, **unsafe_load_kwargs())
     assert recorder.global_step == 3
     assert recorder.state_dict["param_groups"] == saved_groups
     assert [(g["name"], g["weight_decay"]) for g in recorder.state_dict["param_groups"]] == [
@@ -183,7 +184,7 @@ def test_hyperparameters_are_saved_and_the_model_reloads(tmp_path):
     path = tmp_path / "model.ckpt"
     t.save_checkpoint(path)
 
-    reloaded = LitWD.load_from_checkpoint(path, weights_only=False)
+    reloaded = LitWD.load_from_checkpoint(path, **unsafe_load_kwargs())
     assert reloaded.hparams.hidden == 8
     assert reloaded.hparams.decay_rules == rules
     assert reloaded.decay_rules == rules
@@ -313,7 +314,7 @@ def test_resuming_does_not_scale_the_lr_twice(tmp_path):
     path = tmp_path / "scaled.ckpt"
     first.save_checkpoint(path)
     recorder = RecordLRs()
-    trainer(tmp_path, max_steps=4, callbacks=[recorder]).fit(make(), ckpt_path=path, weights_only=False)
+    trainer(tmp_path, max_steps=4, callbacks=[recorder]).fit(make(), ckpt_path=path, **unsafe_load_kwargs())
     assert recorder.per_step == [
         pytest.approx([0.0025, 0.025, 0.025]),
         pytest.approx([0.00125, 0.0125, 0.0125]),
