@@ -1,11 +1,11 @@
 """lightning_wd: weight decay done right for PyTorch Lightning.
 
 Declarative decay rules resolved over any model into a checked, explainable plan
-(:class:`DecayRule`, :mod:`presets`, :class:`DecayPlan`, :func:`build_param_groups`),
+(``DecayRule``, ``presets``, ``DecayPlan``, ``build_param_groups``),
 a ``LightningModule`` mixin that turns the plan into ``configure_optimizers``
-(:class:`WDMixin`), and a callback that applies decoupled, lr-independent, relative,
-L1 or cautious decay after every real step of any torch optimizer (:class:`WeightDecay`), and
-its Lightning adapter (:class:`WeightDecayCallback`). Plain PyTorch use never imports Lightning.
+(``WDMixin``), and a callback that applies decoupled, lr-independent, relative,
+L1 or cautious decay after every real step of any torch optimizer (``WeightDecay``), and
+its Lightning adapter (``WeightDecayCallback``). Plain PyTorch use never imports Lightning.
 """
 
 from typing import TYPE_CHECKING, Any

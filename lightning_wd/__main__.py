@@ -1,4 +1,4 @@
-"""``python -m lightning_wd``: the ``lightning-wd`` command line (see :mod:`lightning_wd._cli`)."""
+"""``python -m lightning_wd``: the ``lightning-wd`` command line (see ``lightning_wd._cli``)."""
 
 from lightning_wd._cli import main
 

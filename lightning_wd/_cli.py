@@ -305,8 +305,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         SystemExit: with status 2 on a bad argument (the message names it and the fix), 1 when
             matplotlib is missing for ``plot``, and 0 after ``--help``/``--version``.
 
-    Example::
-
+    Examples:
         >>> main(["explain", "torch.nn:Linear", "--init-args", '{"in_features": 4, "out_features": 2}'])
         Weight decay plan for torch.nn:Linear (rules: preset standard())
         group     rules   tensors  elements  weight_decay  lr_scale

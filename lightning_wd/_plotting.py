@@ -1,4 +1,4 @@
-"""Read the ``wd/...`` metrics that :class:`~lightning_wd.WeightDecayCallback` logs, and plot them.
+"""Read the ``wd/...`` metrics that ``WeightDecayCallback`` logs, and plot them.
 
 Shared by the ``lightning-wd plot`` command and the examples. Reading needs nothing
 beyond the standard library (CSV) or ``tensorboard`` (event files); drawing needs
@@ -69,8 +69,7 @@ def parse_metric_name(name: str) -> tuple[str, str] | None:
     Returns:
         ``(metric, group)``; the group keeps an optimizer prefix (``"AdamW/decay"``).
 
-    Example::
-
+    Examples:
         >>> parse_metric_name("wd/decay/param_norm")
         ('param_norm', 'decay')
         >>> parse_metric_name("wd/SGD/pg1/no_decay/weight_decay")
@@ -119,8 +118,7 @@ def read_csv(path: str | os.PathLike[str]) -> Series:
     Raises:
         ValueError: if the file has no ``step`` column.
 
-    Example::
-
+    Examples:
         >>> import tempfile, pathlib
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "metrics.csv"
         >>> _ = path.write_text("step,train_loss,wd/decay/param_norm\\n0,1.5,\\n1,,3.0\\n2,,2.5\\n")
@@ -160,8 +158,7 @@ def read_tensorboard(path: str | os.PathLike[str]) -> Series:
         ImportError: if ``tensorboard`` is not installed.
         FileNotFoundError: if ``path`` holds no event file.
 
-    Example::
-
+    Examples:
         >>> import tempfile
         >>> from torch.utils.tensorboard import SummaryWriter
         >>> logdir = tempfile.mkdtemp()
@@ -207,8 +204,7 @@ def find_log_file(path: str | os.PathLike[str]) -> Path:
     Raises:
         FileNotFoundError: if ``path`` does not exist or holds neither kind of file.
 
-    Example::
-
+    Examples:
         >>> import tempfile, pathlib
         >>> root = pathlib.Path(tempfile.mkdtemp())
         >>> (root / "version_0").mkdir()
@@ -239,17 +235,16 @@ def read_logs(path: str | os.PathLike[str]) -> tuple[Series, Path]:
     """Read the ``wd/`` metrics of a CSV file, an event file, or the newest log under a directory.
 
     Args:
-        path: See :func:`find_log_file`.
+        path: See ``find_log_file``.
 
     Returns:
         The series and the file they were read from.
 
     Raises:
-        FileNotFoundError: as :func:`find_log_file`.
+        FileNotFoundError: as ``find_log_file``.
         ValueError: if the file holds no ``wd/`` metric.
 
-    Example::
-
+    Examples:
         >>> import tempfile, pathlib
         >>> root = pathlib.Path(tempfile.mkdtemp())
         >>> _ = (root / "metrics.csv").write_text("step,wd/decay/weight_decay\\n0,0.05\\n")
@@ -295,13 +290,12 @@ def summarize(series: Series) -> str:
     barely acted, ``x0.37`` that it alone would have shrunk them by ``1/e``.
 
     Args:
-        series: As returned by :func:`read_logs`.
+        series: As returned by ``read_logs``.
 
     Returns:
         The table, followed by the run length.
 
-    Example::
-
+    Examples:
         >>> series = {
         ...     "param_norm": {"decay": ([0, 100], [10.0, 8.0]), "no_decay": ([0, 100], [2.0, 2.5])},
         ...     "weight_decay": {"decay": ([0, 100], [0.05, 0.05]), "no_decay": ([0, 100], [0.0, 0.0])},
@@ -357,8 +351,7 @@ def import_pyplot() -> Any:
     Raises:
         ImportError: if matplotlib is not installed; the message gives the install command.
 
-    Example::
-
+    Examples:
         >>> plt = import_pyplot()
         >>> plt.__name__
         'matplotlib.pyplot'
@@ -391,12 +384,12 @@ def plot_metrics(
 ) -> Path:
     """Draw one panel per logged metric kind, one line per group, and save the figure.
 
-    Panels follow :data:`METRICS`' order (parameter norm, λ, timescale or threshold, gradient
+    Panels follow ``METRICS``' order (parameter norm, λ, timescale or threshold, gradient
     and update norms when logged). The timescale panel shows the run length as a dashed line:
     a timescale far above it means the decay barely acted during the run.
 
     Args:
-        series: As returned by :func:`read_logs`.
+        series: As returned by ``read_logs``.
         path: Where to save the figure (the suffix picks the format, e.g. ``.png``).
         title: Figure title.
 
@@ -407,8 +400,7 @@ def plot_metrics(
         ImportError: if matplotlib is not installed (the message says ``pip install 'lightning-wd[plot]'``).
         ValueError: if ``series`` is empty.
 
-    Example::
-
+    Examples:
         >>> import tempfile, pathlib
         >>> series = {"param_norm": {"decay": ([1, 2, 3], [3.0, 2.9, 2.8])}}
         >>> out = plot_metrics(series, pathlib.Path(tempfile.mkdtemp()) / "wd.png", title="demo")

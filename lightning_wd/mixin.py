@@ -53,8 +53,8 @@ class WDMixin:
 
     Put it before ``LightningModule`` in the bases. It reads, from the instance or the class:
 
-    * ``decay_rules``: a list of :class:`~lightning_wd.DecayRule` in priority order
-      (default :func:`lightning_wd.presets.standard`). A class attribute, or the
+    * ``decay_rules``: a list of ``DecayRule`` in priority order
+      (default ``lightning_wd.presets.standard``). A class attribute, or the
       ``decay_rules`` init argument, which overrides it (so LightningCLI can set the rules from
       a config file: declare ``decay_rules: list[DecayRule] | None = None`` in your ``__init__``
       and pass it on with ``super().__init__(decay_rules=decay_rules)``).
@@ -66,12 +66,12 @@ class WDMixin:
     * ``scheduler``: optional; a callable taking the optimizer and returning a scheduler
       (LightningCLI's ``LRSchedulerCallable``), or a Lightning scheduler config dict whose
       ``"scheduler"`` is such a callable or a scheduler.
-    * ``decay_plan_options``: keyword options for :meth:`DecayPlan.from_module`
+    * ``decay_plan_options``: keyword options for ``DecayPlan.from_module``
       (``include_frozen``, ``strict``, ``merge``, ...); a class attribute or init argument too.
     * ``show_decay_plan``: print the plan table at fit start on rank zero (default True).
     * ``contiguous_parameters``: lay out each parameter group's tensors (per device and dtype) in
-      one flat buffer (:func:`lightning_wd.functional.make_contiguous_`), so that
-      :class:`~lightning_wd.WeightDecayCallback` decays a group with one kernel instead of one per
+      one flat buffer (``lightning_wd.functional.make_contiguous_``), so that
+      ``WeightDecayCallback`` decays a group with one kernel instead of one per
       tensor, which matters on CPU for models of many small tensors (default False). Values,
       identities and shapes are unchanged; sharded (DTensor) parameters are left as they are.
 
@@ -84,8 +84,7 @@ class WDMixin:
     learning rate the group's absolute ``lr`` is written, so torch schedulers work. The
     resolved plan is available as ``self.decay_plan`` after ``configure_optimizers``.
 
-    Example::
-
+    Examples:
         >>> import torch, lightning as L, lightning_wd as lwd
         >>> from functools import partial
         >>> class Model(lwd.WDMixin, L.LightningModule):
@@ -148,7 +147,7 @@ class WDMixin:
         Args:
             *args: Passed on to the next class (``LightningModule``).
             decay_rules: Rules in priority order; None keeps the class attribute.
-            decay_plan_options: Options for :meth:`DecayPlan.from_module`; None keeps the class attribute.
+            decay_plan_options: Options for ``DecayPlan.from_module``; None keeps the class attribute.
             **kwargs: Passed on to the next class.
 
         Raises:
@@ -176,6 +175,18 @@ class WDMixin:
                 optimizer/scheduler, or ``decay_optimizers`` is not a mapping of names to ``OptimizerSpec``.
             ValueError: if the plan cannot be built (see ``DecayPlan.from_module``), or the entries of
                 ``decay_optimizers`` name unknown submodules, share a parameter or leave one out.
+
+        Examples:
+            >>> import torch, lightning as L, lightning_wd as lwd
+            >>> class Model(lwd.WDMixin, L.LightningModule):
+            ...     show_decay_plan = False
+            ...     scheduler = staticmethod(lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=10))
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.net = torch.nn.Linear(4, 4)
+            >>> config = Model().configure_optimizers()
+            >>> sorted(config), [g["name"] for g in config["optimizer"].param_groups]
+            (['lr_scheduler', 'optimizer'], ['no_decay', 'decay'])
         """
         assert isinstance(self, torch.nn.Module)
         show = getattr(self, "show_decay_plan", True)
@@ -218,7 +229,7 @@ class WDMixin:
 
         Checkpoints written before each group's λ lived in its own ``weight_decay`` held it under
         ``"lwd_weight_decay"``, with ``weight_decay`` 0. Resumed without
-        :class:`~lightning_wd.WeightDecayCallback` (which moves it back itself), those groups would
+        ``WeightDecayCallback`` (which moves it back itself), those groups would
         silently train with no decay: the value is moved back, with a warning. Overriding this hook?
         Call ``super().on_train_start()``.
         """
@@ -261,8 +272,7 @@ class OptimizerSpec:
     Raises:
         TypeError: on a value of the wrong type (named in the message).
 
-    Example::
-
+    Examples:
         >>> import torch, lightning as L, lightning_wd as lwd
         >>> from functools import partial
         >>> class GAN(lwd.WDMixin, L.LightningModule):

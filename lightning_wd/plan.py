@@ -8,7 +8,7 @@ prefixes (``_orig_mod.``, DDP's ``module.``, ``_fsdp_wrapped_module.``,
 Parameters are identified by ``id``; a parameter belongs to the first rule, in list
 order, that matches any of its aliases.
 
-A rule's ``lr_scale`` reaches the optimizer exactly once: :meth:`DecayPlan.param_groups` writes
+A rule's ``lr_scale`` reaches the optimizer exactly once: ``DecayPlan.param_groups`` writes
 the absolute ``lr`` (base lr times scale) into each scaled group and never an ``lr_scale`` key,
 which timm's schedulers would multiply in a second time; a caller that applies the scale itself
 asks for it under a key of its own (``lr_scale_key=``).
@@ -55,7 +55,16 @@ _MARKED_GROUP = "no_decay"
 
 
 class PlanError(ValueError):
-    """A model or rule list from which no sound plan can be built."""
+    """A model or rule list from which no sound plan can be built.
+
+    Examples:
+        >>> import torch, lightning_wd as lwd
+        >>> try:
+        ...     lwd.DecayPlan.from_module(torch.nn.LazyLinear(4))
+        ... except lwd.PlanError as err:
+        ...     print(isinstance(err, ValueError), str(err)[:46])
+        True `module` holds an uninitialized lazy parameter
+    """
 
 
 @dataclass(frozen=True)
@@ -294,12 +303,11 @@ def _check_param(canon: str, param: nn.Parameter) -> None:
 class DecayPlan:
     """The resolved plan: which rule claimed which parameter, and the groups that follow.
 
-    Build it with :meth:`from_module`. Every trainable parameter appears in exactly one
+    Build it with ``from_module``. Every trainable parameter appears in exactly one
     group; groups are ordered by first rule, the default group last; parameters inside a
     group keep registration order.
 
-    Example::
-
+    Examples:
         >>> import torch, lightning_wd as lwd
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
         >>> plan = lwd.DecayPlan.from_module(model, lwd.presets.standard(0.1))
@@ -333,7 +341,7 @@ class DecayPlan:
 
     @functools.cached_property
     def entries(self) -> tuple[ParamEntry, ...]:
-        """One :class:`ParamEntry` per planned parameter, in registration order (built on first use)."""
+        """One ``ParamEntry`` per planned parameter, in registration order (built on first use)."""
         return tuple(
             ParamEntry(
                 name=names[0][0],
@@ -364,7 +372,7 @@ class DecayPlan:
 
         Args:
             module: The model (any ``nn.Module``; wrappers and compiled modules are fine).
-            rules: Rules in priority order; None means :func:`lightning_wd.presets.standard`.
+            rules: Rules in priority order; None means ``lightning_wd.presets.standard``.
             include_frozen: Also place parameters with ``requires_grad=False`` in groups (so that
                 unfreezing them later trains them without touching the optimizer).
             strict: Raise instead of warning when a non-optional rule claims nothing.
@@ -384,6 +392,13 @@ class DecayPlan:
             ValueError: (``PlanError``) on lazy or FSDP flat parameters, on rules that share a group
                 with different settings, on a rule claiming nothing when ``strict``, or when there
                 is no trainable parameter.
+
+        Examples:
+            >>> import torch, lightning_wd as lwd
+            >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+            >>> plan = lwd.DecayPlan.from_module(model, lwd.presets.standard(0.1))
+            >>> [(g.name, g.param_names) for g in plan.groups]
+            [('no_decay', ('0.weight', '1.bias')), ('decay', ('1.weight',))]
         """
         if not isinstance(module, nn.Module):
             raise TypeError(
@@ -581,7 +596,7 @@ class DecayPlan:
         """Torch-ready parameter groups.
 
         Each dict has ``params``, ``name``, ``weight_decay``, ``param_names`` and ``lwd_planned: True``
-        (which tells :class:`~lightning_wd.WeightDecay` that ``weight_decay`` is the rules' λ for the
+        (which tells ``WeightDecay`` that ``weight_decay`` is the rules' λ for the
         whole group). A group whose rule
         scales the learning rate (``lr_scale != 1``) gets its absolute ``lr``, ``lr * lr_scale``, so
         that the scale is applied exactly once: no group carries an ``lr_scale`` key, which timm's
@@ -602,8 +617,7 @@ class DecayPlan:
                 learning rate and no ``lr_scale_key`` is given; if ``lr_scale_key`` is empty, names a
                 key the groups already have, or comes with ``lr``.
 
-        Example::
-
+        Examples:
             >>> import torch, lightning_wd as lwd
             >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
             >>> rules = [lwd.DecayRule("norms", 0.0, modules="*Norm*", lr_scale=0.5), lwd.DecayRule("rest", 0.1)]
@@ -656,8 +670,7 @@ class DecayPlan:
             KeyError: if no trainable parameter is reachable under ``name``; the message suggests
                 close matches.
 
-        Example::
-
+        Examples:
             >>> import torch, lightning_wd as lwd
             >>> plan = lwd.DecayPlan.from_module(torch.nn.Sequential(torch.nn.Linear(4, 4)))
             >>> plan.entry("0.weight").group
@@ -714,7 +727,13 @@ class DecayPlan:
 
         Raises:
             TypeError: if ``name`` is not a string.
-            KeyError: as :meth:`entry`, if no trainable parameter is reachable under ``name``.
+            KeyError: as ``entry``, if no trainable parameter is reachable under ``name``.
+
+        Examples:
+            >>> import torch, lightning_wd as lwd
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+            >>> print(lwd.DecayPlan.from_module(model).explain("0.weight"))
+            0.weight: group 'decay' (weight decay 0.05), claimed by rule 'linear'; shape (4, 4), owner Linear
         """
         e = self.entry(name)
         param, names = self._records[self._index[e.name]][:2]
@@ -739,7 +758,19 @@ class DecayPlan:
         return "; ".join(parts)
 
     def table(self) -> str:
-        """The plan as a text table: group, rules, tensors, elements, weight decay, lr scale."""
+        """The plan as a text table: group, rules, tensors, elements, weight decay, lr scale.
+
+        Examples:
+            >>> import torch, lightning_wd as lwd
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+            >>> print(lwd.DecayPlan.from_module(model).table())
+            group     rules               tensors  elements  weight_decay  lr_scale
+            --------  ------------------  -------  --------  ------------  --------
+            no_decay  bias,normalization        3        12             0         1
+            decay     linear                    1        16          0.05         1
+            --------  ------------------  -------  --------  ------------  --------
+            total                               4        28
+        """
         header = ("group", "rules", "tensors", "elements", "weight_decay", "lr_scale")
         rows = [
             (g.name, ",".join(g.rules), str(len(g.params)), f"{g.numel:,}", f"{g.weight_decay:g}", f"{g.lr_scale:g}")
@@ -856,7 +887,7 @@ def _check_lr(lr: Any) -> None:
     )
 
 
-#: Keys every group of :meth:`DecayPlan.param_groups` has, or may have.
+#: Keys every group of ``DecayPlan.param_groups`` has, or may have.
 _GROUP_KEYS = ("lr", "lwd_planned", "name", "param_names", "params", "weight_decay")
 
 
@@ -880,7 +911,7 @@ def _check_lr_scale_key(key: Any, lr: float | None) -> None:
         )
 
 
-#: Keyword options of :meth:`DecayPlan.from_module` that ``build_param_groups`` and ``WDMixin`` pass on.
+#: Keyword options of ``DecayPlan.from_module`` that ``build_param_groups`` and ``WDMixin`` pass on.
 PLAN_OPTIONS = ("default_group", "default_weight_decay", "include_frozen", "merge", "respect_no_weight_decay", "strict")
 
 
@@ -944,13 +975,13 @@ def build_param_groups(
 
     Args:
         module: The model.
-        rules: Rules in priority order; None means :func:`lightning_wd.presets.standard`.
+        rules: Rules in priority order; None means ``lightning_wd.presets.standard``.
         lr: The optimizer's base learning rate (a finite number >= 0), to write the absolute ``lr``
             into groups whose rule scales it; needed when a rule has ``lr_scale != 1``.
         prefix: Name the groups ``"<prefix>/<group>"``: with several optimizers (a GAN's generator
             and discriminator), each optimizer's groups, and the metrics logged for them
             (``wd/generator/decay/param_norm``), then say which optimizer they belong to.
-        **options: Passed to :meth:`DecayPlan.from_module` (``include_frozen``, ``strict``,
+        **options: Passed to ``DecayPlan.from_module`` (``include_frozen``, ``strict``,
             ``default_weight_decay``, ``default_group``, ``respect_no_weight_decay``, ``merge``).
 
     Returns:
@@ -962,11 +993,10 @@ def build_param_groups(
     Raises:
         TypeError: on an unknown option, a module/rules of the wrong type, an ``lr`` that is not a number, or a
             ``prefix`` that is not a non-empty string.
-        ValueError: as :meth:`DecayPlan.from_module`; on an ``lr`` that is negative or not finite, or
+        ValueError: as ``DecayPlan.from_module``; on an ``lr`` that is negative or not finite, or
             None while a rule scales the learning rate.
 
-    Example::
-
+    Examples:
         >>> import torch, lightning_wd as lwd
         >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
         >>> groups = lwd.build_param_groups(model, lwd.presets.standard(0.1))

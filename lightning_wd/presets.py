@@ -1,22 +1,30 @@
 """Ready rule lists.
 
-* :func:`standard` decays exactly the weight matrices and kernels of linear maps and
+* ``standard`` decays exactly the weight matrices and kernels of linear maps and
   nothing else, derived from structure (owner classes, parameter roles, shapes), so it
   works on architectures it has never seen.
-* :func:`gpt` is nanoGPT's heuristic: decay every parameter with two or more dimensions.
-* :func:`uniform` decays everything alike; :func:`none` decays nothing.
+* ``gpt`` is nanoGPT's heuristic: decay every parameter with two or more dimensions.
+* ``uniform`` decays everything alike; ``none`` decays nothing.
 
-The role predicates (:func:`is_embedding`, :func:`is_normalization`, :func:`is_bias`,
-:func:`is_linear_weight`) are public so that custom rule lists can reuse them. They take a rule
+The role predicates (``is_embedding``, ``is_normalization``, ``is_bias``,
+``is_linear_weight``) are public so that custom rule lists can reuse them. They take a rule
 predicate's arguments, ``(name, param, module)``: the canonical name (a string), the tensor and
 the module holding it; anything else is refused with a TypeError naming the argument.
 
 When the plan is built with an example input (``DecayPlan.from_module(..., example_inputs=...)``),
 a parameter that the traced forward pass used takes its role from that use
-(:mod:`lightning_wd.trace`): ``is_linear_weight`` is true exactly for the weights of linear maps,
+(``lightning_wd.trace``): ``is_linear_weight`` is true exactly for the weights of linear maps,
 ``is_embedding`` for tables looked up by data, and ``is_normalization``/``is_bias`` never claim
 either. Parameters the forward did not touch, and every parameter without a trace, are decided
-from structure as described here. :func:`role_of` gives the role the predicates act on.
+from structure as described here. ``role_of`` gives the role the predicates act on.
+
+Examples:
+    >>> import torch, lightning_wd as lwd
+    >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    >>> [(g["name"], g["param_names"]) for g in lwd.build_param_groups(model, lwd.presets.standard(0.05))]
+    [('no_decay', ['0.weight', '1.bias', '2.weight', '2.bias']), ('decay', ['1.weight'])]
+    >>> [(g["name"], g["param_names"]) for g in lwd.build_param_groups(model, lwd.presets.gpt(0.1))]
+    [('decay', ['0.weight', '1.weight']), ('no_decay', ['1.bias', '2.weight', '2.bias'])]
 """
 
 from __future__ import annotations
@@ -152,8 +160,7 @@ def is_embedding(name: str, param: Tensor, module: nn.Module) -> bool:
     Raises:
         TypeError: if ``name`` is not a string, ``param`` not a tensor or ``module`` not an ``nn.Module``.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> emb = torch.nn.Embedding(10, 4)
         >>> is_embedding("wte.weight", emb.weight, emb)
@@ -180,8 +187,7 @@ def is_normalization(name: str, param: Tensor, module: nn.Module) -> bool:
     Raises:
         TypeError: if ``name`` is not a string, ``param`` not a tensor or ``module`` not an ``nn.Module``.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> class MyRMSNorm(torch.nn.Module):
         ...     def __init__(self):
@@ -211,8 +217,7 @@ def is_bias(name: str, param: Tensor, module: nn.Module) -> bool:
     Raises:
         TypeError: if ``name`` is not a string, ``param`` not a tensor or ``module`` not an ``nn.Module``.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> lin = torch.nn.Linear(2, 2)
         >>> is_bias("fc.bias", lin.bias, lin), is_bias("fc.weight", lin.weight, lin)
@@ -252,8 +257,7 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
     Raises:
         TypeError: if ``name`` is not a string, ``param`` not a tensor or ``module`` not an ``nn.Module``.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> conv = torch.nn.Conv2d(3, 8, 3)
         >>> is_linear_weight("stem.weight", conv.weight, conv)
@@ -357,8 +361,7 @@ def standard(weight_decay: float = 0.05, *, lr_scale: float = 1.0) -> list[Decay
     Raises:
         ValueError: if ``weight_decay`` is negative or not finite.
 
-    Example::
-
+    Examples:
         >>> import lightning_wd as lwd
         >>> for rule in lwd.presets.standard(0.1):
         ...     print(rule.name, rule.weight_decay, rule.group_name)
@@ -378,7 +381,7 @@ def standard(weight_decay: float = 0.05, *, lr_scale: float = 1.0) -> list[Decay
 def gpt(weight_decay: float = 0.1) -> list[DecayRule]:
     """nanoGPT's heuristic: decay every parameter with two or more dimensions.
 
-    Unlike :func:`standard` this decays embeddings (including a tied output head),
+    Unlike ``standard`` this decays embeddings (including a tied output head),
     position tables and any other matrix.
 
     Args:
@@ -387,8 +390,7 @@ def gpt(weight_decay: float = 0.1) -> list[DecayRule]:
     Returns:
         The rule list: ``decay`` (``ndim >= 2``) then ``no_decay`` (the rest).
 
-    Example::
-
+    Examples:
         >>> import lightning_wd as lwd
         >>> [(r.name, r.weight_decay) for r in lwd.presets.gpt(0.1)]
         [('decay', 0.1), ('no_decay', 0.0)]
@@ -402,8 +404,7 @@ def gpt(weight_decay: float = 0.1) -> list[DecayRule]:
 def uniform(weight_decay: float) -> list[DecayRule]:
     """Decay every parameter alike (what an optimizer's own ``weight_decay`` does).
 
-    Example::
-
+    Examples:
         >>> import lightning_wd as lwd
         >>> lwd.presets.uniform(0.01)[0].weight_decay
         0.01
@@ -414,8 +415,7 @@ def uniform(weight_decay: float) -> list[DecayRule]:
 def none() -> list[DecayRule]:
     """Decay nothing (every parameter in one ``no_decay`` group).
 
-    Example::
-
+    Examples:
         >>> import lightning_wd as lwd
         >>> lwd.presets.none()[0].name
         'no_decay'

@@ -1,9 +1,9 @@
 """Declarative decay rules: which parameters get which weight decay.
 
-A :class:`DecayRule` is a frozen, validated description of a set of parameters
+A ``DecayRule`` is a frozen, validated description of a set of parameters
 (by owner module class, canonical parameter name, number of dimensions or a
 predicate) and of the weight decay and learning-rate scale they receive. Rules
-are pure data: resolving them over a model is the job of :mod:`lightning_wd.plan`.
+are pure data: resolving them over a model is the job of ``lightning_wd.plan``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _loaded_class(path: str) -> type | None:
     """The module class that ``path`` names among the modules already imported, or None. Imports nothing.
 
     Only lookups, no call: the longest prefix of ``path`` present in ``sys.modules``, then its attributes
-    through :func:`inspect.getattr_static` (no module ``__getattr__``, no descriptor, no property). A class
+    through ``inspect.getattr_static`` (no module ``__getattr__``, no descriptor, no property). A class
     whose module is not imported has no instances yet, so it has nothing to match either.
     """
     parts = path.split(".")
@@ -272,7 +272,7 @@ class DecayRule:
     A rule matches a parameter when *every* matcher it has matches (``modules``,
     ``params``, ``min_ndim``/``max_ndim``, ``predicate``); within ``modules`` and
     ``params`` any one entry is enough. A rule without matchers matches every
-    parameter. Rules are resolved in list order by :class:`~lightning_wd.DecayPlan`:
+    parameter. Rules are resolved in list order by ``DecayPlan``:
     a parameter belongs to the first rule that matches any name it is reachable by.
 
     Rules pickle, and load with ``torch.load(weights_only=True)`` (a module's hyper-parameters in a
@@ -323,8 +323,7 @@ class DecayRule:
         pickle.PicklingError: when pickling a rule whose ``modules`` holds a class no import path
             names (defined inside a function, or created dynamically).
 
-    Example::
-
+    Examples:
         >>> import io, re, torch
         >>> import lightning_wd as lwd
         >>> rule = lwd.DecayRule("no_decay_norms", 0.0, modules="*Norm*")
@@ -452,6 +451,12 @@ class DecayRule:
         looked up again on the next call (the answer for a class is kept once no path is pending). A
         name that a lazy module provides only through ``__getattr__`` is seen once it has been
         accessed; the path of the defining module (``cls.__module__``) always resolves.
+
+        Examples:
+            >>> import torch, lightning_wd as lwd
+            >>> rule = lwd.DecayRule("norms", 0.0, modules="*Norm*")
+            >>> rule.matches_module(torch.nn.LayerNorm(4)), rule.matches_module(torch.nn.Linear(4, 4))
+            (True, False)
         """
         if self.modules is None:
             return True
@@ -478,7 +483,14 @@ class DecayRule:
         return False, len(found) == len(paths)
 
     def matches_name(self, name: str) -> bool:
-        """Whether the canonical parameter ``name`` matches the ``params`` patterns (True when there are none)."""
+        """Whether the canonical parameter ``name`` matches the ``params`` patterns (True when there are none).
+
+        Examples:
+            >>> import lightning_wd as lwd
+            >>> rule = lwd.DecayRule("biases", 0.0, params="*.bias")
+            >>> rule.matches_name("fc.bias"), rule.matches_name("fc.weight")
+            (True, False)
+        """
         if self.params is None:
             return True
         return any(p.fullmatch(name) for p in self._param_matchers)
@@ -486,8 +498,7 @@ class DecayRule:
     def matches(self, name: str, param: Tensor, module: nn.Module) -> bool:
         """Whether this rule matches ``param``, reachable as ``name`` and held directly by ``module``.
 
-        Example::
-
+        Examples:
             >>> import torch
             >>> lin = torch.nn.Linear(2, 2)
             >>> rule = DecayRule("decay", 0.1, modules=torch.nn.Linear, min_ndim=2)

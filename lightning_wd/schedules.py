@@ -4,8 +4,14 @@ A schedule is any callable ``(step: int) -> float`` (``step`` counts the optimiz
 steps from 0); the classes here are frozen, validated and usable from a LightningCLI
 config. The multiplier is computed on the host once per step (a Python number, no device
 work); a step that is not an int >= 0 is refused (TypeError or ValueError naming ``step``).
-``total_steps=None`` is filled in by :class:`~lightning_wd.WeightDecayCallback` from
+``total_steps=None`` is filled in by ``WeightDecayCallback`` from
 ``trainer.estimated_stepping_batches`` at fit start.
+
+Examples:
+    >>> import lightning_wd as lwd
+    >>> [lwd.schedules.LinearWarmup(warmup_steps=2)(step) for step in range(4)]
+    [0.0, 0.5, 1.0, 1.0]
+    >>> callback = lwd.WeightDecayCallback(schedule=lambda step: 0.5 if step < 100 else 1.0)  # any callable
 """
 
 from __future__ import annotations
@@ -19,7 +25,15 @@ __all__ = ["Constant", "Cosine", "LinearWarmup", "Schedule"]
 
 @runtime_checkable
 class Schedule(Protocol):
-    """Anything callable as ``schedule(step) -> multiplier``."""
+    """Anything callable as ``schedule(step) -> multiplier``.
+
+    Examples:
+        >>> import lightning_wd as lwd
+        >>> isinstance(lwd.schedules.Cosine(start=1.0, end=0.1), lwd.schedules.Schedule)
+        True
+        >>> isinstance(lambda step: 1.0, lwd.schedules.Schedule)
+        True
+    """
 
     def __call__(self, step: int) -> float: ...
 
@@ -59,8 +73,7 @@ def _check_step(step: Any) -> None:
 class Constant:
     """A constant multiplier (1.0 keeps each group's λ as it is).
 
-    Example::
-
+    Examples:
         >>> Constant(0.5)(1000)
         0.5
     """
@@ -84,8 +97,7 @@ class LinearWarmup:
         warmup_steps: Length of the warm-up in optimizer steps (>= 1).
         start: Multiplier at step 0.
 
-    Example::
-
+    Examples:
         >>> s = LinearWarmup(warmup_steps=4)
         >>> [s(i) for i in range(6)]
         [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
@@ -122,8 +134,7 @@ class Cosine:
         end: Multiplier at ``total_steps`` and after.
         total_steps: Length in optimizer steps; None lets the callback use the trainer's estimate.
 
-    Example::
-
+    Examples:
         >>> s = Cosine(start=1.0, end=10.0, total_steps=100)
         >>> round(s(0), 3), round(s(50), 3), round(s(100), 3), round(s(500), 3)
         (1.0, 5.5, 10.0, 10.0)
@@ -140,7 +151,16 @@ class Cosine:
             _check(self.total_steps, "total_steps", minimum=1, integer=True)
 
     def with_total_steps(self, total_steps: int) -> Cosine:
-        """A copy whose ``total_steps`` is set (when it was None)."""
+        """A copy whose ``total_steps`` is set (when it was None).
+
+        Examples:
+            >>> import lightning_wd as lwd
+            >>> cosine = lwd.schedules.Cosine(start=1.0, end=0.0)
+            >>> cosine.with_total_steps(10).total_steps, cosine.with_total_steps(10)(10)
+            (10, 0.0)
+            >>> lwd.schedules.Cosine(start=1.0, end=0.0, total_steps=4).with_total_steps(10).total_steps
+            4
+        """
         return self if self.total_steps is not None else replace(self, total_steps=max(int(total_steps), 1))
 
     def __call__(self, step: int) -> float:

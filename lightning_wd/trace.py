@@ -2,7 +2,7 @@
 
 A parameter's role is a fact about the computation: the weight operand of a linear map, a table
 looked up by data, or anything else (added, multiplied, normalized, concatenated as a token, a
-gate or a scale). :func:`trace_roles` runs the module's forward once, without grad, under a
+gate or a scale). ``trace_roles`` runs the module's forward once, without grad, under a
 ``torch.overrides.TorchFunctionMode`` that sees every torch function, and records for each
 parameter how it meets the data:
 
@@ -148,7 +148,7 @@ class TracedRole:
 
 
 class RoleTrace:
-    """The roles of a module's parameters, observed in one forward pass (build it with :func:`trace_roles`).
+    """The roles of a module's parameters, observed in one forward pass (build it with ``trace_roles``).
 
     Parameters are identified by identity, so the trace of a module applies to the same module
     however it is wrapped. A parameter the forward pass did not use has no traced role: rules

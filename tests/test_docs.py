@@ -14,7 +14,8 @@
   its directory and is ``sys.argv[0]``, so a strategy that starts its other processes by re-running
   the script (DDP, FSDP2) runs the block there as a script.
 * Docstrings: no Sphinx roles anywhere in the package, examples in the "Examples:" section form
-  the site renders, and an example (``>>>``) for every public name and public method.
+  the site renders, and an example (``>>>``) for every public name (``lightning_wd.__all__``, and
+  the public functions and classes of its public modules) and every public method.
 """
 
 from __future__ import annotations
@@ -313,7 +314,11 @@ def test_examples_are_in_the_section_the_site_renders() -> None:
 
 
 def _members(obj: Any) -> Iterator[tuple[str, Any]]:
-    """The public functions, classes, methods and properties that ``obj`` itself defines."""
+    """The public functions, classes and methods that ``obj`` itself defines.
+
+    Properties are attributes, documented in a line; hooks (``on_*``, and overrides of a torch or
+    Lightning base class's methods) are called by the framework, which documents them.
+    """
     if inspect.ismodule(obj):
         for name, value in vars(obj).items():
             defined_here = (inspect.isfunction(value) or inspect.isclass(value)) and value.__module__ == obj.__name__
@@ -323,8 +328,8 @@ def _members(obj: Any) -> Iterator[tuple[str, Any]]:
     elif inspect.isclass(obj):
         external_bases = [b for b in obj.__mro__[1:] if not b.__module__.startswith("lightning_wd")]
         for name, value in vars(obj).items():
-            is_api = inspect.isfunction(value) or isinstance(value, (property, classmethod, staticmethod))
-            if name.startswith("_") or not is_api:
+            is_method = inspect.isfunction(value) or isinstance(value, (classmethod, staticmethod))
+            if name.startswith(("_", "on_")) or not is_method:
                 continue
             if any(name in vars(base) for base in external_bases):
                 continue  # a hook of Lightning's or torch's base class, documented there
@@ -348,7 +353,7 @@ def test_every_public_name_has_an_example(name: str) -> None:
     missing = [
         qual
         for qual, value in [(name, obj), *((f"{name}.{m}", v) for m, v in _members(obj))]
-        if ">>>" not in (inspect.getdoc(value.fget if isinstance(value, property) else value) or "")
+        if ">>>" not in (inspect.getdoc(value) or "")
     ]
     assert not missing, f"public names without an example (`>>>` lines in an `Examples:` section): {missing}"
 
