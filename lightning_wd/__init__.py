@@ -16,6 +16,7 @@ from lightning_wd import functional, presets, schedules
 from lightning_wd.engine import WeightDecay
 from lightning_wd.plan import DecayPlan, PlanError, build_param_groups
 from lightning_wd.rules import DecayRule
+from lightning_wd.schedules import weight_decay_from_timescale
 
 if TYPE_CHECKING:
     from lightning_wd.callback import WeightDecayCallback
@@ -62,4 +63,5 @@ __all__ = [
     "functional",
     "presets",
     "schedules",
+    "weight_decay_from_timescale",
 ]

@@ -4,6 +4,7 @@ Run as ``lightning-wd ...`` (console script) or ``python -m lightning_wd ...``::
 
     lightning-wd explain my_models:Net --rules gpt --weight-decay 0.1
     lightning-wd explain path/to/models.py:Net --init-args '{"width": 64}' --param head.weight
+    lightning-wd explain my_models:LM --example-input int64:2x16    # roles traced from a forward pass
     lightning-wd plot lightning_logs/version_0 -o wd.png
 
 Errors in the arguments (an import path that does not import, a class that is not there,
@@ -20,6 +21,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -201,13 +203,55 @@ def _load_rules(spec: str | None, weight_decay: float | None, model: Any) -> tup
     return obj, {}, spec
 
 
+_SHAPE = re.compile(r"^\d+(?:[x,]\d+)*$")
+
+
+def _example_tensor(spec: str) -> Any:
+    """``2x16`` (float32 zeros), ``int64:2x16`` (a dtype, then the shape), or ``MODULE:ATTR`` naming the input
+    (a tensor, a tuple of positional arguments, a dict of keywords, or a function returning one)."""
+    import torch
+
+    dtype_name, sep, shape = spec.rpartition(":")
+    if not sep:
+        dtype_name, shape = "float32", spec
+    dtype = getattr(torch, dtype_name, None) if dtype_name.isidentifier() else None
+    if _SHAPE.match(shape) and isinstance(dtype, torch.dtype):
+        return torch.zeros([int(n) for n in re.split("[x,]", shape)], dtype=dtype)
+    if not sep or _SHAPE.match(shape):
+        raise UsageError(
+            f"`--example-input` must be a shape such as '2x16', a dtype and a shape such as 'int64:2x16', or"
+            f" MODULE:ATTR naming the input, got {spec!r}."
+        )
+    _, obj = _resolve(spec, "--example-input", "my_models:EXAMPLE_INPUT")
+    if callable(obj) and not isinstance(obj, torch.Tensor):
+        try:
+            obj = obj()
+        except Exception as err:
+            raise UsageError(f"`--example-input`: calling {spec} failed with {type(err).__name__}: {err}") from err
+    return obj
+
+
+def _example_inputs(args: argparse.Namespace, model: Any) -> Any:
+    """The inputs to trace with: ``--example-input`` (several are positional), else the model's
+    ``example_input_array``; None with ``--no-trace``."""
+    if args.no_trace:
+        if args.example_input:
+            raise UsageError("`--no-trace` and `--example-input` were both given; drop one of them.")
+        return None
+    if args.example_input:
+        inputs = [_example_tensor(spec) for spec in args.example_input]
+        return inputs[0] if len(inputs) == 1 else tuple(inputs)
+    return getattr(model, "example_input_array", None)
+
+
 def _explain(args: argparse.Namespace) -> None:
     import lightning_wd as lwd
 
     model = _load_model(args.model, args.init_args)
     rules, options, label = _load_rules(args.rules, args.weight_decay, model)
+    example = _example_inputs(args, model)
     try:
-        plan = lwd.DecayPlan.from_module(model, rules, **options)
+        plan = lwd.DecayPlan.from_module(model, rules, example_inputs=example, **options)
     except (TypeError, ValueError) as err:
         raise UsageError(f"cannot plan {type(model).__name__} with {label}: {err}") from err
     print(f"Weight decay plan for {args.model} (rules: {label})")
@@ -222,7 +266,10 @@ def _explain(args: argparse.Namespace) -> None:
         width = max(len(e.name) for e in plan.entries)
         for e in plan.entries:
             rule = e.rule if e.rule is not None else "<default>"
-            print(f"{e.name.ljust(width)}  {e.group:<12} {rule:<16} {tuple(e.shape)!s:<18} {'/'.join(e.owners)}")
+            line = f"{e.name.ljust(width)}  {e.group:<12} {rule:<16} {tuple(e.shape)!s:<18} {'/'.join(e.owners)}"
+            if plan.trace is not None:
+                line += f"  {e.traced.evidence if e.traced is not None else '(structure)'}"
+            print(line)
 
 
 # ---------------------------------------------------------------------------- plot
@@ -242,6 +289,7 @@ def _plot(args: argparse.Namespace) -> None:
         _fail(str(err), status=1)
     print(f"read {sum(len(g) for g in series.values())} series of {len(series)} metrics from {source}")
     print(_plotting.summarize(series))
+    print(_plotting.diagnose(series))
     print(f"wrote {out}")
 
 
@@ -275,6 +323,17 @@ def _parser() -> argparse.ArgumentParser:
         "--param", action="append", metavar="NAME", help="explain why this parameter lands where it does (repeatable)"
     )
     explain.add_argument("--params", action="store_true", help="list every parameter with its group and rule")
+    explain.add_argument(
+        "--example-input",
+        action="append",
+        metavar="SPEC",
+        help="trace one forward pass on this input and take each parameter's role from its use: a shape (2x16,"
+        " float32 zeros), a dtype and a shape (int64:2x16), or MODULE:ATTR naming the input or a function"
+        " returning it; repeat for several positional arguments. Default: the model's example_input_array",
+    )
+    explain.add_argument(
+        "--no-trace", action="store_true", help="ignore the model's example_input_array: every role from structure"
+    )
     explain.set_defaults(func=_explain)
 
     plot = sub.add_parser(

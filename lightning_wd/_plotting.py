@@ -22,6 +22,7 @@ from typing import Any
 __all__ = [
     "METRICS",
     "Series",
+    "diagnose",
     "find_log_file",
     "import_pyplot",
     "parse_metric_name",
@@ -43,7 +44,12 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "threshold": ("L1 soft-threshold step per optimizer step (η·λ)", "threshold (log scale)", "log"),
     "grad_norm": ("Gradient norm per group (L2)", "‖∇θ‖₂ (log scale)", "log"),
     "update_norm": ("Optimizer update norm per group (L2, before decay)", "‖Δθ‖₂ (log scale)", "log"),
+    "effective_decay": ("Effective decay per step (η_t·λ, the step applied)", "step (log scale)", "log"),
+    "update_ratio": ("Update-to-weight ratio ‖Δθ‖/‖θ‖ per step", "ratio (log scale)", "log"),
+    "angular_update": ("Angular update per step (dotted: √(2ηλ), AdamW's equilibrium)", "radians (log scale)", "log"),
 }
+#: Metrics drawn inside another's panel (dashed), not in their own: metric -> the panel's metric.
+_OVERLAYS = {"timescale_target": "timescale"}
 
 _HOW_TO_READ = """How to read these panels
 • Parameter norm: a decayed group's norm settles where the
@@ -410,7 +416,7 @@ def plot_metrics(
     if not series:
         raise ValueError("`series` is empty: there is nothing to plot.")
     plt = import_pyplot()
-    metrics = [m for m in METRICS if m in series] + sorted(m for m in series if m not in METRICS)
+    metrics = [m for m in METRICS if m in series] + sorted(m for m in series if m not in METRICS and m not in _OVERLAYS)
     groups = list(dict.fromkeys(g for m in metrics for g in series[m]))
     colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
     labels = {g: g for g in groups}
@@ -442,6 +448,12 @@ def plot_metrics(
                 ylabel += " (log scale)"
         if metric == "timescale":
             ax.axhline(last_step, color="gray", linestyle="--", linewidth=1, label=f"run length ({last_step:,} steps)")
+            for group, (steps, values) in series.get("timescale_target", {}).items():
+                ax.plot(steps, values, color=colors.get(group, "gray"), linestyle=":", label=f"{group} target")
+        if metric == "angular_update":  # equilibrium of AdamW (Kosson et al. 2024): √(2ηλ) per step
+            for group, (steps, values) in series.get("effective_decay", {}).items():
+                if group in lines and any(v > 0 for v in values):
+                    ax.plot(steps, [math.sqrt(2 * v) for v in values], color=colors[group], linestyle=":")
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
@@ -462,3 +474,98 @@ def plot_metrics(
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _last_part(steps: list[int], values: list[float], start: float) -> list[float]:
+    """The finite values logged at steps >= ``start``."""
+    return [v for s, v in zip(steps, values, strict=True) if s >= start and math.isfinite(v)]
+
+
+def _timescale_reading(timescale: float, run: int) -> str:
+    share = timescale / run
+    head = f"timescale 1/(η·λ) = {timescale:,.0f} steps, {share:.0%} of the {run:,}-step run"
+    if share > 1:
+        return (
+            f"{head}: longer than the run, so the decay barely acted (alone it would have shrunk the weights only"
+            f" x{math.exp(-1 / share):.2f}) and the norm cannot reach the equilibrium λ and η set. Raise λ, or set it"
+            " with timescale_fraction."
+        )
+    if share < 0.01:
+        return (
+            f"{head}: under 1% of the run, so the weights forget every update older than {timescale:,.0f} steps; λ"
+            " is probably too large, unless that is intended."
+        )
+    return f"{head}: the weights average the updates of about the last {share:.0%} of the run."
+
+
+def _norm_reading(steps: list[int], norms: list[float], run: int) -> str:
+    window = _last_part(steps, norms, 0.75 * run)
+    if len(window) < 2 or not window[0]:
+        return "param_norm: too few logged steps in the last quarter of the run to say whether it settled."
+    drift = window[-1] / window[0] - 1
+    head = f"param_norm over the last quarter: {window[0]:.4g} -> {window[-1]:.4g} ({drift:+.1%})"
+    if abs(drift) <= 0.05:
+        return f"{head}: settled; the norm is at the equilibrium that the updates and the decay set."
+    direction = "falling" if drift < 0 else "rising"
+    return (
+        f"{head}: still {direction}, not settled; the norm is still moving toward its equilibrium (a longer run, or a"
+        " shorter timescale, gets it there)."
+    )
+
+
+def _angle_reading(series: Series, group: str, run: int) -> str | None:
+    steps, angles = series.get("angular_update", {}).get(group, ([], []))
+    decay = series.get("effective_decay", {}).get(group, ([], []))
+    window, rates = _last_part(steps, angles, 0.75 * run), _last_part(*decay, 0.75 * run)
+    if not window or not rates or max(rates) <= 0:
+        return None
+    angle, expected = sum(window) / len(window), math.sqrt(2 * sum(rates) / len(rates))
+    ratio = angle / expected
+    verdict = "close to it" if 0.7 <= ratio <= 1.4 else ("below it" if ratio < 0.7 else "above it")
+    return (
+        f"angular update {angle:.3g} rad per step over the last quarter; AdamW's rotational equilibrium is"
+        f" √(2ηλ) = {expected:.3g}: {verdict} ({ratio:.2f}x)."
+    )
+
+
+def diagnose(series: Series, *, run_length: int | None = None) -> str:
+    """A plain-language report per group: the decay timescale against the run, and whether the norm settled.
+
+    For each group: the last logged ``timescale`` as a share of the run (longer than the run: the
+    decay barely acted; under 1%: it forgets almost everything), the drift of ``param_norm`` over the
+    last quarter of the run (within ±5%: settled at its equilibrium), and, where ``angular_update``
+    and ``effective_decay`` were logged, the angular update against ``√(2ηλ)``, its value at AdamW's
+    rotational equilibrium (Kosson et al. 2024).
+
+    Args:
+        series: As returned by ``read_logs``.
+        run_length: The run's optimizer steps; default: the last logged step.
+
+    Returns:
+        The report, one paragraph per group.
+
+    Examples:
+        >>> series = {
+        ...     "param_norm": {"decay": ([0, 800, 1000], [10.0, 6.1, 6.0])},
+        ...     "timescale": {"decay": ([0, 800, 1000], [250.0, 250.0, 250.0])},
+        ... }
+        >>> print(diagnose(series))
+        Weight decay over 1,000 optimizer steps
+        decay: timescale 1/(η·λ) = 250 steps, 25% of the 1,000-step run: the weights average the updates of about the last 25% of the run.
+          param_norm over the last quarter: 6.1 -> 6 (-1.6%): settled; the norm is at the equilibrium that the updates and the decay set.
+    """  # noqa: E501
+    run = run_length or max((s[-1] for groups in series.values() for s, _ in groups.values() if s), default=0)
+    run = max(run, 1)
+    groups = list(dict.fromkeys(g for m in ("param_norm", "timescale", "weight_decay") for g in series.get(m, {})))
+    lines = [f"Weight decay over {run:,} optimizer steps"]
+    for group in groups:
+        steps, timescales = series.get("timescale", {}).get(group, ([], []))
+        finite = [t for t in timescales if math.isfinite(t) and t > 0]
+        lines.append(f"{group}: " + (_timescale_reading(finite[-1], run) if finite else "not decayed (λ = 0)."))
+        steps, norms = series.get("param_norm", {}).get(group, ([], []))
+        if norms:
+            lines.append("  " + _norm_reading(steps, norms, run))
+        angle = _angle_reading(series, group, run)
+        if angle is not None:
+            lines.append("  " + angle)
+    return "\n".join(lines)

@@ -387,7 +387,7 @@ class WeightDecayCallback(Callback):
             planned = {g.name: g.weight_decay for g in plan.groups}
         else:
             return
-        if trainer.ckpt_path is None:
+        if trainer.ckpt_path is None or self.options.timescale_fraction is not None:  # (its λ is meant to differ)
             return
         differ = [
             f"{g['name']!r}: {g['weight_decay']} (rules: {planned[g['name']]})"

@@ -1289,6 +1289,12 @@ class WeightDecay:
         saved = state_dict.get("reference")
         if saved is not None and self._reference is not None:
             self._load_reference(saved)
+        elif self._reference is not None and steps > 0:
+            _warn(
+                f"The engine state resumes at step {steps} with `toward`, but holds no reference weights (it was saved"
+                " without `toward`): the decay pulls toward the parameters as they are now, not as they were when the"
+                " run started. Resume from a state saved with `toward` for the same run."
+            )
         self.steps = steps
         if total is not None:
             self._total_steps = total

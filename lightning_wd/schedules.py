@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Constant", "Cosine", "LinearWarmup", "Schedule"]
+__all__ = ["Constant", "Cosine", "LinearWarmup", "Schedule", "weight_decay_from_timescale"]
 
 
 @runtime_checkable
@@ -177,3 +177,48 @@ class Cosine:
             )
         t = min(step, self.total_steps) / self.total_steps
         return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def _check_positive(value: Any, argument: str, example: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"`{argument}` must be a number > 0, got {type(value).__name__} {value!r}. Pass for example {example}."
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{argument}` must be a finite number > 0, got {value!r}. Pass for example {example}.")
+
+
+def weight_decay_from_timescale(fraction: float, *, lr: float, total_steps: int) -> float:
+    """The λ whose decay timescale ``τ = 1 / (η λ)`` is ``fraction`` of the run: ``1 / (fraction · total_steps · lr)``.
+
+    Decoupled weight decay makes the weights an exponential moving average of the updates
+    over about ``τ`` steps (Wang & Aitchison 2024, "How to set AdamW's weight decay as you scale
+    model and dataset size"); they find the best ``τ`` to be a roughly constant fraction of the run,
+    so a fraction tuned once carries over to longer runs, larger data and other learning rates,
+    where a fixed λ does not.
+
+    Args:
+        fraction: ``τ`` as a fraction of the run (> 0; 1.0 means one timescale over the whole run).
+        lr: The learning rate η the decay is multiplied by, normally the peak lr (> 0; 1.0 for
+            ``mode="independent"`` or ``"lr_ratio"``, where the step is λ at the peak).
+        total_steps: The run's length in optimizer steps (an int >= 1).
+
+    Returns:
+        λ, a float.
+
+    Raises:
+        TypeError: if an argument is not a number (``total_steps``: not an int).
+        ValueError: if an argument is not finite and > 0.
+
+    Examples:
+        >>> weight_decay_from_timescale(0.25, lr=1e-3, total_steps=10_000)
+        0.4
+        >>> weight_decay_from_timescale(0.0, lr=1e-3, total_steps=10_000)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: `fraction` must be a finite number > 0, got 0.0. Pass for example 0.25.
+    """
+    _check_positive(fraction, "fraction", "0.25")
+    _check_positive(lr, "lr", "3e-4")
+    _check(total_steps, "total_steps", minimum=1, integer=True)
+    return 1.0 / (fraction * total_steps * lr)

@@ -792,6 +792,54 @@ def test_bad_input(owner, argument, func, kwargs, error, match, tmp_path, monkey
 
 
 # ---------------------------------------------------------------- the table covers every public argument
+# decay toward a reference, λ from a timescale, diagnostics
+for value, error, match in [
+    ("pretrained", ValueError, "got 'pretrained'; use 'init'"),
+    ([1.0], TypeError, r"got list\. Pass 'init' or for example `pretrained\.state_dict\(\)`"),
+    ({1: torch.zeros(1)}, TypeError, "mapping of parameter names to tensors"),
+]:
+    case("WeightDecayCallback", "toward", CB, dict(toward=value), error, match)
+case("WeightDecayCallback", "toward", CB, dict(toward="init", mode="relative"), ValueError, "Use mode='decoupled'")
+for value in (0.0, -1.0, math.inf, "0.2", True):
+    case(
+        "WeightDecayCallback",
+        "timescale_fraction",
+        CB,
+        dict(timescale_fraction=value),
+        ValueError,
+        "finite number > 0.*Pass for example timescale_fraction=0.25",
+    )
+case("WeightDecayCallback", "timescale_fraction", CB, dict(timescale_fraction=0.2, ord=1), ValueError, "Use ord=2")
+for value in ("yes", 1, None):
+    case("WeightDecayCallback", "log_diagnostics", CB, dict(log_diagnostics=value), TypeError, "Pass a bool")
+TIMESCALE = schedules.weight_decay_from_timescale
+for argument, kwargs, error, match in [
+    ("fraction", dict(fraction=0.0, lr=1e-3, total_steps=10), ValueError, "> 0, got 0.0. Pass for example 0.25"),
+    ("fraction", dict(fraction="0.2", lr=1e-3, total_steps=10), TypeError, "number > 0, got str '0.2'"),
+    ("lr", dict(fraction=0.2, lr=-1.0, total_steps=10), ValueError, "got -1.0. Pass for example 3e-4"),
+    ("lr", dict(fraction=0.2, lr=math.nan, total_steps=10), ValueError, "finite number > 0, got nan"),
+    ("total_steps", dict(fraction=0.2, lr=1e-3, total_steps=0), ValueError, ">= 1, got 0"),
+    ("total_steps", dict(fraction=0.2, lr=1e-3, total_steps=10.5), TypeError, "must be an int, got float"),
+]:
+    case("schedules.weight_decay_from_timescale", argument, TIMESCALE, kwargs, error, match)
+TOWARD = F.apply_decay_toward_
+for argument, kwargs, error, match in [
+    ("tensors", dict(tensors=torch.ones(2), reference=[torch.ones(2)], step=0.1), TypeError, "wrap it in a list"),
+    ("reference", dict(tensors=Fresh(floats, 2), reference=Fresh(floats, 3), step=0.1), ValueError, "the shape, dtype"),
+    ("reference", dict(tensors=Fresh(floats, 2), reference=[], step=0.1), ValueError, "one reference per tensor"),
+    ("reference", dict(tensors=Fresh(floats, 2), reference=torch.ones(2), step=0.1), TypeError, "wrap it in a list"),
+    ("step", dict(tensors=Fresh(floats, 2), reference=Fresh(floats, 2), step=-0.1), ValueError, "finite number >= 0"),
+    ("ord", dict(tensors=Fresh(floats, 2), reference=Fresh(floats, 2), step=0.1, ord=3), ValueError, "1, 2"),
+    (
+        "mask",
+        dict(tensors=Fresh(floats, 2), reference=Fresh(floats, 2), step=0.1, mask=[torch.ones(3)]),
+        ValueError,
+        "give each mask the shape of its tensor",
+    ),
+]:
+    case("functional.apply_decay_toward_", argument, TOWARD, kwargs, error, match)
+
+
 def _parameters(func: Callable[..., Any]) -> list[str]:
     out = []
     for p in inspect.signature(func).parameters.values():
@@ -838,7 +886,7 @@ def required_rows() -> set[tuple[str, str]]:
 
 
 #: The in-place functions: a refused call must leave every tensor it was given as it was.
-IN_PLACE = ("functional.apply_decay_", "functional.make_contiguous_")
+IN_PLACE = ("functional.apply_decay_", "functional.apply_decay_toward_", "functional.make_contiguous_")
 
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:
