@@ -30,6 +30,12 @@ Rows:
   also the snapshot it takes before the optimizer's update, in the full step and alone;
   ``contiguous group`` rows run it over parameters laid out in one buffer by
   :func:`~lightning_wd.functional.make_contiguous_` (``WDMixin.contiguous_parameters = True``).
+* with ``--compiled``, ``torch.compile`` rows: the cautious mask and decay fused into one kernel
+  per tensor, as a reference for what fusion would give (not a path of the package; the first
+  call compiles, in the warm-up rounds).
+
+After the table, every target with its figure (median of the per-round ratios, and the ratio of
+minima) and whether it is met.
 """
 
 from __future__ import annotations
@@ -53,8 +59,27 @@ from lightning_wd import functional as F
 LR, WD = 1e-3, 0.1
 
 
+def _compiled_cautious(params: list[torch.Tensor], before: list[torch.Tensor], step: float) -> Callable[[], None]:
+    """The cautious mask and decay, ``p <- p (1 - step)`` where ``(p - b) b < 0``, as one compiled kernel per tensor."""
+
+    def cautious(p: torch.Tensor, b: torch.Tensor, step: float) -> None:
+        p.copy_(torch.where((p - b) * b < 0, p * (1 - step), p))
+
+    fused = torch.compile(cautious, dynamic=True, fullgraph=True)
+
+    def run() -> None:
+        for p, b in zip(params, before, strict=True):
+            fused(p, b, step)
+
+    return run
+
+
 def _cases(
-    params: list[torch.Tensor], contiguous: list[torch.Tensor], flat: torch.Tensor, device: torch.device
+    params: list[torch.Tensor],
+    contiguous: list[torch.Tensor],
+    flat: torch.Tensor,
+    device: torch.device,
+    compiled: bool = False,
 ) -> dict[str, Callable[[], Any]]:
     step = LR * WD
     tensor_step = torch.tensor(step, device=device)
@@ -98,6 +123,8 @@ def _cases(
         ("L1 (ord=1)", {"ord": 1}),
     ):
         cases[f"callback {label}, contiguous group"] = EngineHarness(contiguous, weight_decay=WD, lr=LR, **kwargs).step
+    if compiled:
+        cases["torch.compile fused cautious mask + decay (reference)"] = _compiled_cautious(params, before, step)
     # The snapshot alone (taken before the optimizer's update), taken and dropped.
     cases["callback cautious: snapshot alone"] = EngineHarness(
         params, weight_decay=WD, lr=LR, cautious=True
@@ -105,20 +132,42 @@ def _cases(
     return cases
 
 
+#: The targets: (layout, row, at most this multiple of the flat-buffer pass).
+TARGETS = [
+    ("large", "callback decoupled", 1.15),
+    ("large", "callback lr_ratio", 1.15),
+    ("large", "callback independent", 1.15),
+    ("large", "callback L1 (ord=1)", 2.5),
+    ("large", "callback relative (params, mean_abs)", 2.5),
+    ("large", "callback cautious: full step (snapshot + mask + decay)", 4.0),
+    ("large", "callback decoupled, logged step", 1.5),
+    ("small", "callback decoupled", 2.0),
+    ("small", "callback decoupled, contiguous group", 2.0),
+]
+
+
 def run_layout(
-    label: str, sizes: list[int], device: torch.device, dtype: torch.dtype, repeats: int, warmup: int
-) -> list[list[Any]]:
+    label: str,
+    sizes: list[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    warmup: int,
+    compiled: bool = False,
+) -> tuple[list[list[Any]], dict[str, tuple[float, float]]]:
     params = make_params(sizes, device, dtype, grads=True)
     contiguous = make_params(sizes, device, dtype, grads=True)
     F.make_contiguous_(contiguous)
     flat = torch.randn(sum(sizes), device=device, dtype=dtype)
-    cases = _cases(params, contiguous, flat, device)
+    cases = _cases(params, contiguous, flat, device, compiled)
     with torch.no_grad():  # as inside optimizer.step, where Lightning calls the callback's hooks
         samples = interleaved(cases, repeats=repeats, warmup=warmup, device=device)
     reference = next(iter(cases))
     rows = []
+    ratios = {}
     for name in cases:
         best = min(samples[name])
+        ratios[name] = (ratio(samples, name, reference), best / min(samples[reference]))
         rows.append(
             [
                 label,
@@ -131,7 +180,20 @@ def run_layout(
         )
     del params, contiguous, flat, cases, samples
     gc.collect()
-    return rows
+    return rows, ratios
+
+
+def target_lines(ratios: dict[str, dict[str, tuple[float, float]]], labels: dict[str, str]) -> list[str]:
+    """Each target with its figure (median of the per-round ratios, and the ratio of minima) and met/missed."""
+    lines = []
+    for layout, row, limit in TARGETS:
+        median, of_mins = ratios[layout][row]
+        verdict = "met" if median <= limit else "missed"
+        lines.append(
+            f"target: {labels[layout]}, {row} <= {limit}x the flat pass: {median:.2f}x (median of rounds;"
+            f" {of_mins:.2f}x of minima) ({verdict})"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
+    parser.add_argument("--compiled", action="store_true", help="add torch.compile fused reference rows (large)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1M elements, 500 small tensors, 3 repeats")
     args = parser.parse_args(argv)
 
@@ -159,9 +222,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# bench_decay: {total:,} {args.dtype} elements on {device}, {repeats} rounds after {warmup} warm-up")
     print(machine_info(device))
     print()
-    rows = run_layout(f"{args.large} large", split_sizes(total, args.large), device, dtype, repeats, warmup)
-    rows += run_layout(f"{small} small", split_sizes(total, small), device, dtype, repeats, warmup)
-    print(table(["tensors", "pass", "median ms", "x flat (median of rounds)", "min ms", "x flat (mins)"], rows))
+    labels = {"large": f"{args.large} large tensors", "small": f"{small} small tensors"}
+    rows, large = run_layout(
+        labels["large"], split_sizes(total, args.large), device, dtype, repeats, warmup, args.compiled
+    )
+    more, small_ratios = run_layout(labels["small"], split_sizes(total, small), device, dtype, repeats, warmup)
+    print(table(["tensors", "pass", "median ms", "x flat (median of rounds)", "min ms", "x flat (mins)"], rows + more))
+    print()
+    print("\n".join(target_lines({"large": large, "small": small_ratios}, labels)))
 
 
 if __name__ == "__main__":

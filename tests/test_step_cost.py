@@ -1,0 +1,247 @@
+"""What a decay step costs, counted instead of timed: memory passes and kernel calls per mode, Python work per step.
+
+Timings depend on the machine (they are in BENCHMARKS.md); these counts do not:
+
+* the elements each mode reads and writes, in units of the decayed parameters' size, counted over
+  every aten call of a real ``optimizer.step()`` with a ``TorchDispatchMode`` (one read-write pass
+  is 2.0); the expected figures are worked out by hand from the kernels' formulas below;
+* the number of aten calls and of Python events (calls, lines) of a steady-state step, which must
+  be the same for 16 and for 256 parameter tensors: no Python code runs per tensor.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lightning_wd as lwd
+from lightning_wd import functional as F
+from lightning_wd.plan import PLANNED_KEY
+
+LR, WD = 1e-2, 0.1
+
+
+class _NoStep(torch.optim.SGD):
+    """An optimizer whose own update does nothing, so that a step counts only the engine's work."""
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        return None
+
+
+def _params(count: int, numel: int, *, contiguous: bool = False) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(numel, generator=gen)) for _ in range(count)]
+    for p in params:
+        p.grad = torch.randn(numel, generator=gen)
+    if contiguous:
+        F.make_contiguous_(params)
+    return params
+
+
+def _engine(params: list[torch.nn.Parameter], **kwargs: Any) -> tuple[torch.optim.Optimizer, lwd.WeightDecay]:
+    group = {"params": params, "weight_decay": WD, PLANNED_KEY: True, "name": "decay"}
+    optimizer = _NoStep([group], lr=LR)
+    return optimizer, lwd.WeightDecay(optimizer, **kwargs)
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+class Traffic(TorchDispatchMode):
+    """Elements read and written by every aten call, in the parameters and in buffers at least ``large`` big.
+
+    An argument is read unless it is an ``out=`` argument, and written when the schema marks it as
+    mutated; a new tensor returned by the call is written; views move nothing. Views of the parameters (blocks of one)
+    count with the parameters; small temporaries (0-dim factors, per-tensor norms, cache-sized
+    scratch blocks) do not count, as they never leave the cache.
+    """
+
+    def __init__(self, params: list[Tensor], large: int) -> None:
+        super().__init__()
+        self.storages = {p.untyped_storage().data_ptr() for p in params}
+        self.large = large
+        self.elements = 0
+        self.calls: Counter[str] = Counter()
+
+    def _counted(self, t: Tensor) -> bool:
+        return t.untyped_storage().data_ptr() in self.storages or t.numel() >= self.large
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.calls[func.overloadpacket.__name__] += 1
+        returns = func._schema.returns
+        if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+            return out  # a view (detach, view, split): no element is moved
+        seen: set[int] = set()
+        for i, arg in enumerate(func._schema.arguments):
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            written = arg.alias_info is not None and arg.alias_info.is_write
+            is_out = getattr(arg, "is_out", arg.name == "out")
+            for t in _tensors(value):
+                if not self._counted(t):
+                    continue
+                if not is_out and id(t) not in seen:
+                    self.elements += t.numel()  # read
+                seen.add(id(t))
+                if written:
+                    self.elements += t.numel()
+        if not returns or all(r.alias_info is None for r in returns):
+            for t in _tensors(out):  # a new tensor: written once
+                if t.numel() >= self.large:
+                    self.storages.add(t.untyped_storage().data_ptr())
+                    self.elements += t.numel()
+        return out
+
+
+def _passes(params: list[Tensor], run: Callable[[], Any]) -> tuple[float, Counter[str]]:
+    """Elements moved by ``run()`` in units of the parameters' size (one read-write pass: 2.0), and its calls."""
+    total = sum(p.numel() for p in params)
+    with Traffic(params, large=min(p.numel() for p in params)) as traffic:
+        run()
+    return traffic.elements / total, traffic.calls
+
+
+# Worked out from each kernel's formula (r: elements read, w: written, per element of the parameters):
+#   decoupled, lr_ratio, independent: p *= f                                  r1 w1        = 2
+#   ord=1, a few large tensors: softshrink(p, t, out=p)                       r1 w1        = 2
+#   ord=1, many tensors: c = clamp_max(p, t); clamp_min_(c, -t); p -= c       2 + 2 + 3    = 7
+#   relative (params): sum |p| (read once) + p *= f                           1 + 2        = 3
+#   cautious: copy b = p (before the update); d = p - b; b *= d;
+#             clamp_max_(b, 0); sign_(b); p += step p b                       2 + 3 + 3 + 2 + 2 + 3 = 15
+#   cautious, ord=1: the same up to sign_, then c = clamp_max(p, t);
+#             clamp_min_(c, -t); p += b c                                    2 + 3 + 3 + 2 + 2 + 2 + 2 + 4 = 20
+#   logged decoupled step: p *= f, then ‖p‖ for the metrics (read once)      2 + 1        = 3
+@pytest.mark.parametrize(
+    ("kwargs", "count", "expected"),
+    [
+        pytest.param({}, 4, 2.0, id="decoupled"),
+        pytest.param({"mode": "lr_ratio"}, 4, 2.0, id="lr_ratio"),
+        pytest.param({"mode": "independent"}, 4, 2.0, id="independent"),
+        pytest.param({"ord": 1}, 4, 2.0, id="L1-large"),
+        pytest.param({"ord": 1}, 64, 7.0, id="L1-many"),
+        pytest.param({"mode": "relative"}, 4, 3.0, id="relative-params-large"),
+        pytest.param({"mode": "relative", "metric": "rms"}, 64, 3.0, id="relative-params-rms-many"),
+        pytest.param({"cautious": True}, 4, 15.0, id="cautious"),
+        pytest.param({"cautious": True, "ord": 1}, 4, 20.0, id="cautious-L1"),
+    ],
+)
+def test_memory_passes_of_a_step(kwargs, count, expected):
+    params = _params(count, 2**12 if count > 8 else 2**20)  # many small tensors take the foreach paths
+    optimizer, _ = _engine(params, **kwargs)
+    optimizer.step()  # the first step (warnings, checks) apart
+    passes, _ = _passes(params, optimizer.step)
+    assert passes == pytest.approx(expected)
+
+
+def test_a_logged_step_reads_the_parameters_once_more():
+    params = _params(4, 2**20)
+    optimizer, engine = _engine(params)
+    optimizer.step()
+
+    def logged_step() -> None:
+        optimizer.step()
+        engine.metrics()
+
+    passes, _ = _passes(params, logged_step)
+    assert passes == pytest.approx(3.0)
+
+
+def test_a_contiguous_group_is_one_pass_of_one_kernel():
+    params = _params(300, 64, contiguous=True)
+    optimizer, _ = _engine(params)
+    optimizer.step()
+    passes, calls = _passes(params, optimizer.step)
+    assert passes == pytest.approx(2.0)
+    assert calls["_foreach_mul_"] == 1  # over the one flat view of the buffer
+
+
+class PythonEvents:
+    """Counts the Python events (calls, lines, returns) of everything run under it, with ``sys.settrace``."""
+
+    def __init__(self) -> None:
+        self.events: Counter[str] = Counter()
+
+    def _trace(self, frame: FrameType, event: str, arg: Any) -> Any:
+        self.events[event] += 1
+        return self._trace
+
+    def __enter__(self) -> PythonEvents:
+        self._previous = sys.gettrace()
+        sys.settrace(self._trace)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(self._previous)
+
+
+def _step_costs(count: int, contiguous: bool, kwargs: dict[str, Any]) -> tuple[Counter[str], Counter[str]]:
+    """Python events and aten calls of one steady-state step over ``count`` small tensors."""
+    params = _params(count, 4, contiguous=contiguous)
+    optimizer, _ = _engine(params, **kwargs)
+    for _ in range(2):
+        optimizer.step()
+    with Traffic(params, large=2**62) as traffic:
+        optimizer.step()
+    with PythonEvents() as python:
+        optimizer.step()
+    return python.events, traffic.calls
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["separate", "contiguous"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"mode": "lr_ratio"},
+        {"mode": "independent", "ord": 1},
+        {"mode": "relative"},
+        {"mode": "relative", "source": "grad", "metric": "rms"},
+        {"mode": "relative", "source": "update"},
+        {"cautious": True},
+    ],
+    ids=["decoupled", "lr_ratio", "independent-L1", "relative", "relative-grad-rms", "relative-update", "cautious"],
+)
+def test_step_does_no_python_work_per_tensor(contiguous, kwargs):
+    few_events, few_calls = _step_costs(16, contiguous, kwargs)
+    many_events, many_calls = _step_costs(256, contiguous, kwargs)
+    assert many_events == few_events  # the same Python calls and lines for 16 and 256 tensors
+    assert many_calls == few_calls  # the same kernel calls: foreach over lists, or one over the buffer
+
+
+def test_the_python_event_count_sees_a_loop_over_tensors():
+    """The measure itself: a Python loop over the parameters shows in the events (this test can fail)."""
+    few, many = _params(16, 4), _params(256, 4)
+
+    def check(params: list[Tensor]) -> Counter[str]:
+        with PythonEvents() as python:
+            all(p.grad is not None for p in params)
+        return python.events
+
+    assert check(many)["call"] > check(few)["call"]
+
+
+def test_tensors_without_a_gradient_are_still_left_alone():
+    """The C-speed gradient check keeps its meaning: a parameter without a gradient is not decayed."""
+    params = _params(20, 4)
+    params[3].grad = None
+    params[17].grad = None
+    before = [p.detach().clone() for p in params]
+    optimizer, _ = _engine(params)
+    optimizer.step()
+    for i, (p, b) in enumerate(zip(params, before, strict=True)):
+        expected = b if i in (3, 17) else b * (1 - LR * WD)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=0, msg=str(i))
