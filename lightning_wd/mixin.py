@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
 from torch.optim import Optimizer
 
+from lightning_wd import _fsdp
 from lightning_wd.engine import migrate_legacy_groups_
 from lightning_wd.functional import group_by_device_and_dtype, make_contiguous_
 from lightning_wd.plan import PLANNED_KEY, DecayPlan, PlanError, _check_plan_options, _check_rules
@@ -34,15 +35,21 @@ def _optimizer_default_wd(factory: Callable[..., Optimizer]) -> tuple[float | No
     """The weight_decay a factory would use when a group has none, if it is knowable without building."""
     func = factory
     keywords: dict[str, Any] = {}
+    candidates: list[Any] = []
     while isinstance(func, partial):
         keywords = {**func.keywords, **keywords}
+        candidates.extend(func.args)  # jsonargparse's partial holds the class as a positional argument
         func = func.func
     if "weight_decay" not in keywords:
         return None, ""
-    try:  # LightningCLI fills in the optimizer's own defaults: only a value the user chose is worth a warning
-        default = inspect.signature(func).parameters["weight_decay"].default
-    except (TypeError, ValueError, KeyError):
-        default = inspect.Parameter.empty
+    # LightningCLI fills in the optimizer's own defaults: only a value the user chose is worth a warning
+    default = inspect.Parameter.empty
+    for candidate in (func, *candidates):
+        try:
+            default = inspect.signature(candidate).parameters["weight_decay"].default
+            break
+        except (TypeError, ValueError, KeyError):
+            continue
     if keywords["weight_decay"] == default:
         return None, ""
     return float(keywords["weight_decay"]), "given to the optimizer"
@@ -69,6 +76,11 @@ class WDMixin:
     * ``decay_plan_options``: keyword options for ``DecayPlan.from_module``
       (``include_frozen``, ``strict``, ``merge``, ...); a class attribute or init argument too.
     * ``show_decay_plan``: print the plan table at fit start on rank zero (default True).
+    * ``trace_roles``: when the module has an ``example_input_array`` (the attribute Lightning's
+      ``ModelSummary`` uses), trace one forward pass on it (no grad, on the meta device where
+      possible) and take each parameter's role from how it is used, structure deciding only what the
+      pass does not touch (default True; set False to decide every role from structure). The plan
+      table shows the evidence.
     * ``contiguous_parameters``: lay out each parameter group's tensors (per device and dtype) in
       one flat buffer (``lightning_wd.functional.make_contiguous_``), so that
       ``WeightDecayCallback`` decays a group with one kernel instead of one per
@@ -106,6 +118,7 @@ class WDMixin:
     decay_plan_options: Mapping[str, Any] = {}
     show_decay_plan: bool = True
     contiguous_parameters: bool = False
+    trace_roles: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse to replace, silently, a ``configure_optimizers`` that another base class defines.
@@ -220,9 +233,22 @@ class WDMixin:
             for b in built:
                 for group in b.plan.groups:
                     for chunk in group_by_device_and_dtype(group.params):
-                        if len(chunk) > 1 and all(type(p) is torch.nn.Parameter for p in chunk):
+                        plain = all(type(p) is torch.nn.Parameter and not _fsdp.is_flat_view(p) for p in chunk)
+                        if len(chunk) > 1 and plain:  # (FSDP1's views live in its flat parameters)
                             make_contiguous_(chunk)
         return configs[0] if specs is None else configs
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Keep the rules when LightningCLI's ``--optimizer`` / ``--lr_scheduler`` replace ``configure_optimizers``.
+
+        LightningCLI builds the optimizer it is given over ``model.parameters()``, one group, and sets its
+        own ``configure_optimizers`` on the instance. That optimizer is kept, with every setting the command
+        line gave it, but its one group is replaced by the plan's groups before the fit uses it (see
+        ``_regroup``), so the rules hold either way.
+        """
+        if name == "configure_optimizers" and _lightning_cli_override(value) is not None:
+            value = types.MethodType(_adopting(value), self)
+        super().__setattr__(name, value)
 
     def on_train_start(self) -> None:
         """Give λ back to ``weight_decay`` in groups restored from a checkpoint of an older release.
@@ -448,7 +474,10 @@ class _Built:
         _check_plan_options(options, f"`{where}plan_options`" if name else "`decay_plan_options`")
         try:
             plan = DecayPlan.from_module(
-                module, None if rules is None else _check_rules(rules, "decay_rules"), **options
+                _planned(module),
+                None if rules is None else _check_rules(rules, "decay_rules"),
+                example_inputs=_example_inputs(module),
+                **options,
             )
         except PlanError as err:
             what = f"the rules of optimizer {name!r}" if name else "the `decay_rules`"
@@ -484,6 +513,89 @@ class _Built:
         return (
             self.optimizer if self.scheduler is None else {"optimizer": self.optimizer, "lr_scheduler": self.scheduler}
         )
+
+
+def _lightning_cli_override(value: Any) -> tuple[Optimizer, Any] | None:
+    """The optimizer and scheduler in a ``configure_optimizers`` that LightningCLI's ``--optimizer`` set, else None."""
+    fn = getattr(value, "__func__", None)
+    if not isinstance(fn, partial) or not {"optimizer", "lr_scheduler"} <= fn.keywords.keys():
+        return None
+    optimizer = fn.keywords["optimizer"]
+    return (optimizer, fn.keywords["lr_scheduler"]) if isinstance(optimizer, Optimizer) else None
+
+
+def _adopting(cli_method: Any) -> Callable[[Any], Any]:
+    def configure_optimizers(module: Any) -> Any:
+        optimizer, scheduler = _lightning_cli_override(cli_method)  # type: ignore[misc]
+        _regroup(module, optimizer, scheduler)
+        return cli_method()
+
+    return configure_optimizers
+
+
+def _regroup(module: Any, optimizer: Optimizer, scheduler: Any) -> None:
+    """Replace, in place, the one group of an optimizer built over ``module.parameters()`` by the plan's groups.
+
+    The group's settings (lr, betas, and ``initial_lr`` or ``max_lr`` from a scheduler) go to every new
+    group, with the rules' λ and lr scale; a scheduler built on the optimizer gets its per-group lists
+    (``base_lrs``, ``lr_lambdas``, ...) repeated for the new groups, lr values scaled as their group.
+
+    Raises:
+        MisconfigurationException: if the optimizer does not hold exactly the module's parameters in one
+            group, or has already stepped.
+    """
+    params = list(module.parameters())
+    groups = optimizer.param_groups
+    if len(groups) != 1 or [id(p) for p in groups[0]["params"]] != [id(p) for p in params] or optimizer.state:
+        raise MisconfigurationException(
+            f"LightningCLI's optimizer for {type(module).__name__} is not one unused group over the model's parameters,"
+            " so WDMixin cannot apply `decay_rules` to it. Give the optimizer to the model instead: declare"
+            " `optimizer: OptimizerCallable` in its __init__ and pass `--model.optimizer=...` (config:"
+            " model.optimizer), then WDMixin builds it from the rules' groups."
+        )
+    (original,) = groups
+    own = original.get("weight_decay")
+    chosen = _optimizer_default_wd(partial(type(optimizer), weight_decay=own))[0] if own is not None else None
+    if chosen:
+        rank_zero_warn(
+            f"`--optimizer` was given weight_decay={chosen}, but every parameter group built by WDMixin sets its own"
+            " weight_decay from `decay_rules`, so that value is ignored. Remove it and set the decay in the rules."
+        )
+    rules = _resolved(module, "decay_rules")
+    options = _resolved(module, "decay_plan_options") or {}
+    plan = DecayPlan.from_module(module, None if rules is None else _check_rules(rules, "decay_rules"), **options)
+    settings = {k: v for k, v in original.items() if k != "params"}
+    new_groups, scales = [], []
+    for g in plan.param_groups(lr_scale_key=LR_SCALE_KEY):
+        scale = g.pop(LR_SCALE_KEY)
+        merged = {**settings, **g}
+        for key, value in settings.items():  # lr, initial_lr, max_lr, min_lr: as the rule scales the group
+            if key.endswith("lr") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                merged[key] = value * scale
+        new_groups.append(merged)
+        scales.append(scale)
+    optimizer.param_groups.clear()
+    for g in new_groups:
+        optimizer.add_param_group(g)
+    if scheduler is not None:
+        _repeat_per_group(scheduler, scales)
+    _plan_added_groups(optimizer, module, rules, options, "")
+    module.decay_plan = plan
+    if getattr(module, "show_decay_plan", True):
+        rank_zero_info(f"Weight decay plan for {type(module).__name__} (LightningCLI's optimizer):\n{plan.table()}")
+
+
+def _repeat_per_group(scheduler: Any, scales: list[float]) -> None:
+    """Grow a scheduler's one-entry per-group lists to one entry per group (lr values scaled)."""
+    for inner in getattr(scheduler, "_schedulers", None) or []:  # SequentialLR, ChainedScheduler
+        _repeat_per_group(inner, scales)
+    for key, value in list(vars(scheduler).items()):
+        if isinstance(value, list) and len(value) == 1 and key != "_schedulers":
+            (only,) = value
+            if key.endswith("lrs") and isinstance(only, (int, float)) and not isinstance(only, bool):
+                setattr(scheduler, key, [only * s for s in scales])
+            else:
+                setattr(scheduler, key, [only] * len(scales))
 
 
 def _plan_added_groups(
@@ -526,7 +638,8 @@ def _split_by_rules(
         group["param_names"] = [names.get(id(p), f"added.{i}") for i, p in enumerate(params)]
     if "weight_decay" in param_group or not params:
         return [group]
-    plan = DecayPlan.from_module(module, rules, **{**options, "include_frozen": True})
+    trace = getattr(getattr(module, "decay_plan", None), "trace", None)  # the roles the first groups were planned by
+    plan = DecayPlan.from_module(_planned(module), rules, trace=trace, **{**options, "include_frozen": True})
     of = {id(p): g for g in plan.groups for p in g.params}
     label = str(param_group.get("name", f"pg{len(optimizer.param_groups) + 1}"))
     if prefix and not label.startswith(prefix + "/"):
@@ -550,6 +663,21 @@ def _split_by_rules(
     return out
 
 
+def _example_inputs(module: Any) -> Any:
+    """The module's ``example_input_array`` to trace the roles with, or None when ``trace_roles`` is False.
+
+    Raises:
+        TypeError: if ``trace_roles`` is not a bool.
+    """
+    flag = getattr(module, "trace_roles", True)
+    if not isinstance(flag, bool):
+        raise TypeError(
+            f"`trace_roles` must be True or False, got {type(flag).__name__} {flag!r}. Pass a bool: True to take"
+            " the roles from a forward pass on `example_input_array`, False to take them from structure."
+        )
+    return getattr(module, "example_input_array", None) if flag else None
+
+
 def _lr_attribute(module: Any) -> float | None:
     """The module's ``lr`` or ``learning_rate`` (attribute or hyper-parameter), as Lightning's lr finder reads it.
 
@@ -569,6 +697,12 @@ def _lr_attribute(module: Any) -> float | None:
                 )
             return float(value)
     return None
+
+
+def _planned(module: torch.nn.Module) -> torch.nn.Module:
+    """What to plan: the module, or the FSDP1 wrapper of it that Lightning's FSDPStrategy made (same names)."""
+    trainer = getattr(module, "_trainer", None)
+    return _fsdp.wrapper_of(module, getattr(trainer, "model", None) if trainer is not None else None)
 
 
 def _resolved(module: Any, name: str) -> Any:

@@ -40,6 +40,7 @@ from lightning_wd.rules import DecayRule, param_ndim
 from lightning_wd.trace import TracedRole, active_trace
 
 __all__ = [
+    "Preset",
     "gpt",
     "is_bias",
     "is_embedding",
@@ -66,7 +67,7 @@ _NO_DECAY_WORDS = re.compile(
 )
 # Words that name a matrix's role, and words that say "a weight" but nothing more (single letters
 # are often axes, as in SAM's ``rel_pos_w``): the latter decide only when no other word has a role.
-_WEIGHT_WORDS = re.compile(r"^(proj|projection|router|gate|experts?)$")
+_WEIGHT_WORDS = re.compile(r"^(proj|projection|router|gate|experts?|fc|dense|qkv|mat|matrix|lora|head)$")
 _GENERIC_WORDS = re.compile(r"^(weight|weights|kernel|w\d*|wq|wk|wv|wo)$")
 
 
@@ -246,7 +247,8 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
     (linear layers of other libraries, such as GPT-2's transposed 1-D convolution), and
     free-standing matrices whose role is a projection: stacked mixture-of-experts weights
     (three or more dimensions with a leading expert axis) and matrices named as
-    projections, routers or gates. A parametrized weight counts as the weight it
+    projections, routers, gates, heads or layers (``fc``, ``dense``, ``qkv``, ``mat``, ``matrix``,
+    ``lora_A``). Matrices with other names (``U``, ``A``, ``mix``) need a trace. A parametrized weight counts as the weight it
     parametrizes (``x.weight``, or the direction ``x.weight.original1`` of ``weight_norm``,
     whose magnitude ``original0`` is a scale). Biases, normalization and embedding parameters,
     tensors with fewer than two dimensions, and free-standing tokens, position tables and
@@ -421,3 +423,90 @@ def none() -> list[DecayRule]:
         'no_decay'
     """
     return [DecayRule("no_decay", 0.0, optional=True)]
+
+
+_PRESETS = {"standard": standard, "gpt": gpt, "uniform": uniform, "none": none}
+
+
+class Preset(list):  # type: ignore[type-arg]
+    """A preset by name with its λ, and your own rules around it, as one value: one entry of a config file.
+
+    It is the rule list itself (a ``list`` of ``DecayRule``), so it goes wherever rules go. Its use is
+    LightningCLI, where a function such as ``presets.standard`` cannot be a config value but a class can:
+
+    ```yaml
+    model:
+      decay_rules:
+        class_path: lightning_wd.presets.Preset
+        init_args:
+          name: standard
+          weight_decay: 0.05
+          before:                 # your rules, ahead of the preset's
+            - class_path: lightning_wd.DecayRule
+              init_args: {name: head, weight_decay: 0.01, params: [head.weight]}
+    ```
+
+    with ``decay_rules: lwd.presets.Preset | list[lwd.DecayRule] | None = None`` in the module's
+    ``__init__`` (a plain list of rules then works too).
+
+    Args:
+        name: The preset: ``"standard"``, ``"gpt"``, ``"uniform"`` or ``"none"``.
+        weight_decay: Its λ; None keeps the preset's default (``uniform`` needs one; ``none`` takes none).
+        lr_scale: For ``"standard"``, the learning-rate multiplier of the decayed group.
+        before: Rules placed ahead of the preset's (they win where both match).
+        after: Rules placed after the preset's (they claim what it leaves out).
+
+    Raises:
+        ValueError: on an unknown ``name``, a ``weight_decay`` for ``"none"`` or none for ``"uniform"``, an
+            ``lr_scale`` for another preset than ``"standard"``, or rules that are not ``DecayRule``.
+
+    Examples:
+        >>> import lightning_wd as lwd
+        >>> rules = lwd.presets.Preset("standard", 0.1, before=[lwd.DecayRule("head", 0.01, params="head.weight")])
+        >>> [(r.name, r.weight_decay) for r in rules]
+        [('head', 0.01), ('embedding', 0.0), ('normalization', 0.0), ('bias', 0.0), ('linear', 0.1)]
+    """
+
+    def __init__(
+        self,
+        name: str = "standard",
+        weight_decay: float | None = None,
+        *,
+        lr_scale: float = 1.0,
+        before: list[DecayRule] | None = None,
+        after: list[DecayRule] | None = None,
+    ) -> None:
+        factory = _PRESETS.get(name) if isinstance(name, str) else None
+        if factory is None:
+            raise ValueError(f"`name` must be one of {sorted(_PRESETS)}, got {name!r}. Pick the preset by its name.")
+        if name == "none" and weight_decay is not None:
+            raise ValueError(f"Preset 'none' decays nothing, so it takes no `weight_decay` (got {weight_decay!r}).")
+        if name == "uniform" and weight_decay is None:
+            raise ValueError("Preset 'uniform' needs its λ: pass `weight_decay`, for example 0.01.")
+        if lr_scale != 1.0 and name != "standard":
+            raise ValueError(
+                f"`lr_scale` applies to preset 'standard' (its decayed group), got lr_scale={lr_scale!r} with {name!r}."
+                " Add a DecayRule with lr_scale to `before` instead."
+            )
+        kwargs: dict[str, float] = {} if weight_decay is None else {"weight_decay": weight_decay}
+        if name == "standard":
+            kwargs["lr_scale"] = lr_scale
+        rules: list[DecayRule] = factory(**kwargs)  # type: ignore[operator]
+        for argument, extra in (("before", before), ("after", after)):
+            if extra is not None and (
+                not isinstance(extra, (list, tuple)) or not all(isinstance(r, DecayRule) for r in extra)
+            ):
+                raise ValueError(
+                    f"`{argument}` must be a list of lwd.DecayRule, got {type(extra).__name__} {extra!r}."
+                    " Build each with lwd.DecayRule(name, weight_decay, ...)."
+                )
+        super().__init__([*(before or []), *rules, *(after or [])])
+        self.name = name
+        self.weight_decay = weight_decay
+
+    def __reduce__(self) -> tuple[type, tuple[list[DecayRule]]]:
+        """Pickle as the plain rule list (hyper-parameters load under ``torch.load(weights_only=True)``)."""
+        return (list, (list(self),))
+
+    def __repr__(self) -> str:
+        return f"Preset({self.name!r}, {self.weight_decay!r}, rules={[r.name for r in self]})"
