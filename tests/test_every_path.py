@@ -318,3 +318,31 @@ def test_a_bad_lr_attribute_is_refused_by_name():
     model.lr = "fast"
     with pytest.raises(TypeError, match=r"`lr` must be a finite number > 0.*got str 'fast'.*Set it"):
         model.configure_optimizers()
+
+
+class WithBatchSize(WDNet):
+    """The documented pattern for the batch-size finder: a ``batch_size`` attribute the dataloader reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_size = 2
+
+    def train_dataloader(self) -> Any:
+        return loader(n=64, batch_size=self.batch_size)
+
+
+def test_scale_batch_size_trials_leave_no_decay_or_step_count_behind(tmp_path):
+    from lightning.pytorch.tuner import Tuner
+
+    model = WithBatchSize()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    callback = lwd.WeightDecayCallback(schedule=schedules.LinearWarmup(warmup_steps=4))
+    t = trainer(tmp_path, [callback], max_epochs=1)
+    found = Tuner(t).scale_batch_size(model, mode="power", steps_per_trial=2, max_trials=3)
+    assert found == model.batch_size == 8  # 2 -> 4 -> 8: max_trials=3 counts the first size too
+    for name, p in model.named_parameters():  # the trials' steps (and their decay) are undone
+        torch.testing.assert_close(p.detach(), initial[name], msg=name)
+    recorder = StepRecorder(WDS, schedule=schedules.LinearWarmup(warmup_steps=4), mode="decoupled")
+    t = trainer(tmp_path, [callback, recorder], max_epochs=1)
+    t.fit(model)
+    assert recorder.checked == 8 and callback.engines[0].steps == 8  # 64 / 8 batches; warm-up from step 0
