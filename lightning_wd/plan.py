@@ -79,6 +79,13 @@ class ParamEntry:
         rule: Name of the rule that claimed it, or None when it fell to the default group.
         group: Name of the parameter group it lands in.
         marked: Whether a ``_no_weight_decay`` flag or a ``no_weight_decay()`` hook marked it.
+
+    Examples:
+        >>> import torch, lightning_wd as lwd
+        >>> plan = lwd.DecayPlan.from_module(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)))
+        >>> entry = plan.entry("1.weight")
+        >>> entry.group, entry.rule, entry.shape, entry.owners
+        ('no_decay', 'normalization', (4,), ('LayerNorm',))
     """
 
     name: str
@@ -101,6 +108,13 @@ class PlanGroup:
         rules: Names of the rules whose parameters it holds, in rule order.
         params: The parameters, in registration order.
         param_names: Their primary canonical names.
+
+    Examples:
+        >>> import torch, lightning_wd as lwd
+        >>> plan = lwd.DecayPlan.from_module(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)))
+        >>> group = plan.groups[-1]
+        >>> group.name, group.weight_decay, group.rules, group.param_names, group.numel
+        ('decay', 0.05, ('linear',), ('0.weight',), 16)
     """
 
     name: str

@@ -25,6 +25,20 @@ has no meta kernel or the forward needs real values. The model is not modified: 
 swapped only for the duration of the call (``torch.func.functional_call``), buffers are replaced
 by copies, training mode and hooks are left as they are, and the random number generators are
 restored.
+
+Examples:
+    >>> import torch
+    >>> from lightning_wd.trace import trace_roles
+    >>> class Mixer(torch.nn.Module):  # a free matrix whose name says nothing of its role
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.U = torch.nn.Parameter(torch.randn(4, 4))
+    ...     def forward(self, x):
+    ...         return x @ self.U
+    >>> mixer = Mixer()
+    >>> traced = trace_roles(mixer, torch.zeros(1, 4)).get(mixer.U)
+    >>> traced.role, traced.evidence
+    ('linear', 'weight of `matmul` in 1 call')
 """
 
 from __future__ import annotations
@@ -99,7 +113,17 @@ _ACTIVE: contextvars.ContextVar[RoleTrace | None] = contextvars.ContextVar("ligh
 
 
 class TraceError(ValueError):
-    """The forward pass of a trace failed on every device tried."""
+    """The forward pass of a trace failed on every device tried.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_wd.trace import TraceError, trace_roles
+        >>> try:
+        ...     trace_roles(torch.nn.Linear(4, 4), torch.zeros(1, 3))  # an input of the wrong width
+        ... except TraceError as err:
+        ...     print(isinstance(err, ValueError), str(err)[:46])
+        True The forward pass of Linear on `example_inputs`
+    """
 
 
 @dataclass(frozen=True)
@@ -110,6 +134,13 @@ class ParamUse:
         role: The role this use gives (``"linear"``, ``"embedding"`` or ``"other"``).
         op: The torch function, by its short name (``linear``, ``matmul``, ``embedding``, ``add``...).
         calls: In how many calls of ``op`` the parameter (or a tensor computed from it alone) took part.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_wd.trace import trace_roles
+        >>> model = torch.nn.Linear(4, 4)
+        >>> trace_roles(model, torch.zeros(1, 4)).get(model.weight).uses
+        (ParamUse(role='linear', op='linear', calls=1),)
     """
 
     role: Role
@@ -117,7 +148,13 @@ class ParamUse:
     calls: int
 
     def describe(self) -> str:
-        """This use in words, such as ``weight of `linear` in 2 calls``."""
+        """This use in words, such as ``weight of `linear` in 2 calls``.
+
+        Examples:
+            >>> from lightning_wd.trace import ParamUse
+            >>> ParamUse(role="linear", op="matmul", calls=2).describe()
+            'weight of `matmul` in 2 calls'
+        """
         what = {"linear": "weight of", "embedding": "looked up by", "other": "operand of"}[self.role]
         if self.role == "embedding" and self.op == "indexing":
             what, op = "indexed by data", ""
@@ -134,6 +171,14 @@ class TracedRole:
         role: ``"embedding"`` if any use looks it up, else ``"linear"`` if any use is the weight of a
             linear map, else ``"other"``.
         uses: Every kind of use, those that decided the role first.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_wd.trace import trace_roles
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+        >>> traced = trace_roles(model, torch.tensor([[1, 2]])).get(model[0].weight)
+        >>> traced.role, traced.evidence
+        ('embedding', 'looked up by `embedding` in 1 call')
     """
 
     role: Role
@@ -157,6 +202,13 @@ class RoleTrace:
     Attributes:
         device: Where the pass ran: ``"meta"``, or the module's device (``"cpu"``, ``"cuda:0"``).
         fallback: Why the pass did not run on the meta device (the error it raised there), or None.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_wd.trace import trace_roles
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+        >>> trace_roles(model, torch.tensor([[1, 2]]))
+        RoleTrace(embedding=1, linear=1, other=1, untraced=0, device='meta')
     """
 
     def __init__(
@@ -168,7 +220,16 @@ class RoleTrace:
         self.fallback = fallback
 
     def get(self, param: Tensor) -> TracedRole | None:
-        """The traced role of ``param``, or None when the forward pass did not use it."""
+        """The traced role of ``param``, or None when the forward pass did not use it.
+
+        Examples:
+            >>> import torch
+            >>> from lightning_wd.trace import trace_roles
+            >>> model = torch.nn.Linear(4, 4)
+            >>> trace = trace_roles(model, torch.zeros(1, 4))
+            >>> trace.get(model.weight).role, trace.get(torch.nn.Parameter(torch.zeros(1)))
+            ('linear', None)
+        """
         return self._roles.get(id(param))
 
     def __contains__(self, param: object) -> bool:
@@ -189,13 +250,34 @@ class RoleTrace:
 
 
 def active_trace() -> RoleTrace | None:
-    """The trace that rules are being resolved with, if any (set by the plan while it matches rules)."""
+    """The trace that rules are being resolved with, if any (set by the plan while it matches rules).
+
+    Examples:
+        >>> import torch
+        >>> from lightning_wd.trace import active_trace, trace_roles, use_trace
+        >>> trace = trace_roles(torch.nn.Linear(4, 4), torch.zeros(1, 4))
+        >>> with use_trace(trace):
+        ...     active_trace() is trace
+        True
+        >>> active_trace() is None
+        True
+    """
     return _ACTIVE.get()
 
 
 @contextlib.contextmanager
 def use_trace(trace: RoleTrace | None) -> Iterator[None]:
-    """Make ``trace`` the one the role predicates and ``DecayRule(roles=...)`` consult, for a block."""
+    """Make ``trace`` the one the role predicates and ``DecayRule(roles=...)`` consult, for a block.
+
+    Examples:
+        >>> import torch, lightning_wd as lwd
+        >>> from lightning_wd.trace import trace_roles, use_trace
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+        >>> trace = trace_roles(model, torch.tensor([[1, 2]]))
+        >>> with use_trace(trace):
+        ...     lwd.presets.is_embedding("0.weight", model[0].weight, model[0])
+        True
+    """
     token = _ACTIVE.set(trace)
     try:
         yield

@@ -14,8 +14,9 @@
   its directory and is ``sys.argv[0]``, so a strategy that starts its other processes by re-running
   the script (DDP, FSDP2) runs the block there as a script.
 * Docstrings: no Sphinx roles anywhere in the package, examples in the "Examples:" section form
-  the site renders, and an example (``>>>``) for every public name (``lightning_wd.__all__``, and
-  the public functions and classes of its public modules) and every public method.
+  the site renders, and an example (``>>>``) for every public name (``lightning_wd.__all__``, every
+  object the API reference renders, and the public functions and classes of those modules) and
+  every public method.
 """
 
 from __future__ import annotations
@@ -337,19 +338,37 @@ def _members(obj: Any) -> Iterator[tuple[str, Any]]:
 
 
 def _public_names() -> list[str]:
-    """``lightning_wd.__all__``, read from the source (collecting the tests imports nothing)."""
+    """``lightning_wd.__all__`` (read from the source: collecting the tests imports nothing), and every
+    object the API reference of the site renders (its ``::: name`` lines)."""
     tree = ast.parse((PACKAGE / "__init__.py").read_text(encoding="utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
-            return sorted(n for n in ast.literal_eval(node.value) if n != "__version__")
-    raise AssertionError("lightning_wd/__init__.py defines no __all__")
+    exported = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets)
+    )
+    names = {f"lightning_wd.{n}" for n in exported if n != "__version__"}
+    for page in sorted((ROOT / "docs" / "api").glob("*.md")):
+        names.update(re.findall(r"^::: ([\w.]+)", page.read_text(encoding="utf-8"), re.MULTILINE))
+    return sorted(names)
+
+
+def _resolve(dotted: str) -> Any:
+    """The object a dotted name names: the longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:n]))
+        except ImportError:
+            continue
+        for attr in parts[n:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise AssertionError(f"{dotted} does not resolve")
 
 
 @pytest.mark.parametrize("name", _public_names())
 def test_every_public_name_has_an_example(name: str) -> None:
-    import lightning_wd
-
-    obj = getattr(lightning_wd, name)
+    obj = _resolve(name)
     missing = [
         qual
         for qual, value in [(name, obj), *((f"{name}.{m}", v) for m, v in _members(obj))]
