@@ -31,7 +31,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_wd import _fsdp
 from lightning_wd.rules import _NAME_CHARS, DecayRule, _check_number, _compile_glob, _has_glob
+from lightning_wd.trace import RoleTrace, TracedRole, TraceError, active_trace, trace_roles, use_trace
 
 __all__ = ["DecayPlan", "ParamEntry", "PlanGroup", "build_param_groups"]
 
@@ -79,6 +81,8 @@ class ParamEntry:
         rule: Name of the rule that claimed it, or None when it fell to the default group.
         group: Name of the parameter group it lands in.
         marked: Whether a ``_no_weight_decay`` flag or a ``no_weight_decay()`` hook marked it.
+        traced: Its role in the forward pass the plan traced (``example_inputs=``), with the uses that
+            show it; None when no pass was traced or the pass did not use it.
 
     Examples:
         >>> import torch, lightning_wd as lwd
@@ -95,6 +99,20 @@ class ParamEntry:
     rule: str | None
     group: str
     marked: bool
+    traced: TracedRole | None = None
+
+    @property
+    def decided_by(self) -> str:
+        """``"trace"`` when the traced forward pass gave the parameter its role, else ``"structure"``.
+
+        Examples:
+            >>> import torch, lightning_wd as lwd
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+            >>> plan = lwd.DecayPlan.from_module(model, example_inputs=torch.zeros(1, 4))
+            >>> plan.entry("0.weight").decided_by, plan.entry("0.weight").traced.evidence
+            ('trace', 'weight of `linear` in 1 call')
+        """
+        return "trace" if self.traced is not None else "structure"
 
 
 @dataclass(frozen=True)
@@ -143,11 +161,15 @@ def _gc_paused() -> Iterator[None]:
 
 def _shape(param: Tensor) -> tuple[int, ...]:
     ds_shape = getattr(param, "ds_shape", None)
+    if ds_shape is None:
+        ds_shape = getattr(param, _fsdp.SHAPE_ATTR, None)  # an FSDP1 view, planned (its shape as the model sees it)
     return tuple(ds_shape) if ds_shape is not None else tuple(param.shape)
 
 
 def _numel(param: Tensor) -> int:
     ds_numel = getattr(param, "ds_numel", None)
+    if ds_numel is None and hasattr(param, _fsdp.SHAPE_ATTR):
+        return math.prod(getattr(param, _fsdp.SHAPE_ATTR))
     return int(ds_numel) if ds_numel is not None else param.numel()
 
 
@@ -310,8 +332,24 @@ def _check_param(canon: str, param: nn.Parameter) -> None:
     if type(param).__name__ == "FlatParameter" or canon == "_flat_param" or canon.endswith("._flat_param"):
         raise PlanError(
             f"Parameter {canon!r} is an FSDP flat parameter, which concatenates tensors of different roles."
-            " Wrap the model with `use_orig_params=True` (or use FSDP2 `fully_shard`) so rules see each tensor."
+            " Wrap the model with `use_orig_params=True` (Lightning's FSDPStrategy does by default; then plan the"
+            " FSDP-wrapped model, whose original parameters keep their names and shapes for the rules), or shard"
+            " with FSDP2 `fully_shard`, or build the plan before wrapping the model."
         )
+
+
+def _unreachable_views(module: nn.Module, views: list[Tensor]) -> PlanError:
+    """The error for FSDP1 views whose unit wraps ``module`` from outside (so their shapes cannot be read)."""
+    first = views[0]
+    name = next((n for n, p in module.named_parameters() if p is first), "?")
+    return PlanError(
+        f"Parameter {name!r} of `module` ({type(module).__name__}) is a flattened FSDP view (shape"
+        f" {tuple(first.shape)} on this rank, {len(views)} such tensors in all) whose FullyShardedDataParallel"
+        " unit wraps `module` itself, so its original shape is out of reach and every rule would see a 1-D"
+        " shard. Plan the FSDP wrapper instead (`DecayPlan.from_module(fsdp_model, rules)`: the names are the"
+        " same), or build the plan before wrapping the model (FSDP with `use_orig_params=True` keeps the"
+        " parameters)."
+    )
 
 
 class DecayPlan:
@@ -339,7 +377,10 @@ class DecayPlan:
         frozen: tuple[str, ...],
         records: list[_Record],
         index: dict[str, int] | None = None,
+        trace: RoleTrace | None = None,
     ) -> None:
+        # The plan is built while its trace is the active one (`use_trace` in `from_module`).
+        self.trace = trace if trace is not None else active_trace()
         self.rules = rules
         self.groups = groups
         self.unclaimed_rules = unclaimed_rules
@@ -365,6 +406,7 @@ class DecayPlan:
                 rule=rule,
                 group=group,
                 marked=marked,
+                traced=None if self.trace is None else self.trace.get(param),
             )
             for param, names, rule, group, marked in self._records
         )
@@ -381,11 +423,14 @@ class DecayPlan:
         default_group: str | None = None,
         respect_no_weight_decay: bool = True,
         merge: bool = False,
+        example_inputs: Any = None,
+        trace: RoleTrace | None = None,
     ) -> DecayPlan:
         """Resolve ``rules`` over ``module``.
 
         Args:
-            module: The model (any ``nn.Module``; wrappers and compiled modules are fine).
+            module: The model (any ``nn.Module``; wrappers and compiled modules are fine; under FSDP1 with
+                ``use_orig_params=True``, the wrapped model: rules see each tensor with its original shape).
             rules: Rules in priority order; None means ``lightning_wd.presets.standard``.
             include_frozen: Also place parameters with ``requires_grad=False`` in groups (so that
                 unfreezing them later trains them without touching the optimizer).
@@ -397,15 +442,24 @@ class DecayPlan:
                 group ahead of every rule.
             merge: Merge groups with identical settings (names joined by ``+``), so that foreach
                 kernels see few large groups.
+            example_inputs: What ``module``'s forward takes (a tuple is positional arguments, a dict
+                keywords), to trace one forward pass (no grad, on the meta device where possible) and take
+                each parameter's role from how it is used (``lightning_wd.trace``); parameters the pass
+                does not use are decided from structure. None: every role from structure.
+            trace: A trace made earlier with ``lightning_wd.trace.trace_roles``, instead of
+                ``example_inputs``.
 
         Returns:
             The plan.
 
         Raises:
             TypeError: if ``module`` is not an ``nn.Module`` or ``rules`` is not a list of DecayRule.
-            ValueError: (``PlanError``) on lazy or FSDP flat parameters, on rules that share a group
-                with different settings, on a rule claiming nothing when ``strict``, or when there
-                is no trainable parameter.
+            ValueError: (``PlanError``) on lazy or FSDP flat parameters, on FSDP1 views whose
+                ``FullyShardedDataParallel`` unit wraps ``module`` from outside (plan the wrapper), on
+                rules that share a group with different settings, on a rule claiming nothing when
+                ``strict``, or when there is no trainable parameter; when the forward pass on
+                ``example_inputs`` raises on the meta device and on the module's own; when both
+                ``example_inputs`` and ``trace`` are given. TypeError if ``trace`` is not a RoleTrace.
 
         Examples:
             >>> import torch, lightning_wd as lwd
@@ -428,9 +482,11 @@ class DecayPlan:
             default_weight_decay=default_weight_decay,
             default_group=default_group,
         )
+        trace = _traced(module, example_inputs, trace)
         # The walk allocates a few small objects per tensor; on models with 10^5 tensors the
-        # collector's full passes over the model would dominate, so it is paused meanwhile.
-        with _gc_paused():
+        # collector's full passes over the model would dominate, so it is paused meanwhile. FSDP1
+        # views are given their original shapes while the rules look at them.
+        with _gc_paused(), use_trace(trace), contextlib.ExitStack() as views:
             return cls._build(
                 module,
                 rules_t,
@@ -440,6 +496,7 @@ class DecayPlan:
                 default_group=default_group,
                 respect_no_weight_decay=respect_no_weight_decay,
                 merge=merge,
+                views=views,
             )
 
     @classmethod
@@ -454,11 +511,17 @@ class DecayPlan:
         default_group: str,
         respect_no_weight_decay: bool,
         merge: bool,
+        views: contextlib.ExitStack | None = None,
     ) -> DecayPlan:
         # 1. Every parameter once, with all its aliases and owners, in registration order; the
-        #    no_weight_decay() hooks are read on the same walk.
+        #    no_weight_decay() hooks are read on the same walk. FSDP1 views get their original
+        #    shapes until ``views`` closes, after the plan is built.
         marks = _Marks() if respect_no_weight_decay else None
         order, aliases, renamed = _scan(module, marks)
+        if views is not None and _fsdp._in_use() and any(map(_fsdp.is_flat_view, order)):
+            unreachable = views.enter_context(_fsdp.original_shapes(module, order)).unreachable
+            if unreachable:
+                raise _unreachable_views(module, unreachable)
 
         # 2. Group settings, checked for conflicts before anything is assigned.
         group_settings: dict[str, tuple[float, float, str]] = {}
@@ -603,7 +666,7 @@ class DecayPlan:
                 )
         records = [r for r in self._records if id(r[0]) in keep]
         frozen = tuple(n for n in self.frozen if any(n == p or n.startswith(p + ".") for p in prefixes))
-        return type(self)(self.rules, tuple(groups), self.unclaimed_rules, frozen, records)
+        return type(self)(self.rules, tuple(groups), self.unclaimed_rules, frozen, records, trace=self.trace)
 
     # ------------------------------------------------------------------ views
     def param_groups(self, lr: float | None = None, *, lr_scale_key: str | None = None) -> list[dict[str, Any]]:
@@ -758,17 +821,22 @@ class DecayPlan:
             why = "claimed by no rule (default group)"
         else:
             why = f"claimed by rule {e.rule!r}"
-        others = [
-            r.name
-            for r in self.rules
-            if (e.marked or r.name != e.rule) and any(r.matches(n, param, o) for n, o in names)
-        ]
+        with use_trace(self.trace):
+            others = [
+                r.name
+                for r in self.rules
+                if (e.marked or r.name != e.rule) and any(r.matches(n, param, o) for n, o in names)
+            ]
         parts = [f"{e.name}: group {group.name!r} (weight decay {group.weight_decay}), {why}"]
         if others:
             parts.append(f"also matched by {others}")
         if len(e.aliases) > 1:
             parts.append(f"aliases {list(e.aliases)}")
         parts.append(f"shape {e.shape}, owner {'/'.join(dict.fromkeys(e.owners))}")
+        if e.traced is not None:
+            parts.append(f"role {e.traced.role} by trace: {e.traced.evidence}")
+        elif self.trace is not None:
+            parts.append("role by structure: the traced forward pass did not use it")
         return "; ".join(parts)
 
     def table(self) -> str:
@@ -806,7 +874,36 @@ class DecayPlan:
             lines.append(f"frozen, not planned: {len(self.frozen)} tensors")
         if self.unclaimed_rules:
             lines.append(f"rules that claimed nothing: {', '.join(self.unclaimed_rules)}")
+        if self.trace is not None:
+            lines.extend(self._trace_lines(self.trace))
         return "\n".join(lines)
+
+    def _trace_lines(self, trace: RoleTrace) -> list[str]:
+        """Per group, the uses that decided the traced roles (``weight of `linear` (12)``), then the rest."""
+        by_group: dict[str, Counter[str]] = {}
+        untraced: list[str] = []
+        for e in self.entries:
+            if e.traced is None:
+                untraced.append(e.name)
+                continue
+            uses = by_group.setdefault(e.group, Counter())
+            for use in e.traced.uses:
+                if use.role == e.traced.role:
+                    uses[use.describe().rsplit(" in ", 1)[0]] += 1
+        traced = len(self.entries) - len(untraced)
+        lines = [f"roles by trace (forward pass on {trace.device}): {traced} of {len(self.entries)} tensors"]
+        width = max((len(g) for g in by_group), default=0)
+        for g in self.groups:
+            seen = by_group.get(g.name)
+            if seen:
+                ranked = [f"{what} ({n})" for what, n in sorted(seen.items(), key=lambda kv: (-kv[1], kv[0]))]
+                more = f", and {len(ranked) - 4} other uses" if len(ranked) > 5 else ""
+                lines.append(f"  {g.name.ljust(width)}  {', '.join(ranked[:4] if more else ranked)}{more}")
+        if untraced:
+            listed = ", ".join(untraced[:3]) + (", ..." if len(untraced) > 3 else "")
+            tensors = f"{len(untraced)} tensor{'s' if len(untraced) != 1 else ''}"
+            lines.append(f"roles by structure (not used by the forward pass): {tensors} ({listed})")
+        return lines
 
     def __str__(self) -> str:
         return self.table()
@@ -876,6 +973,28 @@ def _check_rules(rules: Sequence[DecayRule] | None, argument: str = "rules") -> 
                 " rules a different `group` (or `name`)."
             )
     return out
+
+
+def _traced(module: nn.Module, example_inputs: Any, trace: Any) -> RoleTrace | None:
+    """The trace to resolve the rules with: ``trace``, one run now on ``example_inputs``, or None."""
+    if trace is not None:
+        if example_inputs is not None:
+            raise ValueError(
+                "`example_inputs` and `trace` were both given; they are two ways to give the same roles. Pass"
+                " one: `example_inputs` to trace the forward pass now, or `trace` to reuse a trace."
+            )
+        if not isinstance(trace, RoleTrace):
+            raise TypeError(
+                f"`trace` must be a RoleTrace (from lightning_wd.trace.trace_roles(module, inputs)), got"
+                f" {type(trace).__name__} {trace!r:.80}. Pass it, or pass the inputs as `example_inputs`."
+            )
+        return trace
+    if example_inputs is None:
+        return None
+    try:
+        return trace_roles(module, example_inputs)
+    except TraceError as err:
+        raise PlanError(str(err)) from err
 
 
 def _warn(message: str) -> None:
@@ -983,6 +1102,7 @@ def build_param_groups(
     *,
     lr: float | None = None,
     prefix: str | None = None,
+    example_inputs: Any = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Resolve ``rules`` over ``module`` and return torch-ready parameter groups.
@@ -995,6 +1115,8 @@ def build_param_groups(
         prefix: Name the groups ``"<prefix>/<group>"``: with several optimizers (a GAN's generator
             and discriminator), each optimizer's groups, and the metrics logged for them
             (``wd/generator/decay/param_norm``), then say which optimizer they belong to.
+        example_inputs: What the forward takes, to take each parameter's role from one traced forward
+            pass (see ``DecayPlan.from_module``); None decides every role from structure.
         **options: Passed to ``DecayPlan.from_module`` (``include_frozen``, ``strict``,
             ``default_weight_decay``, ``default_group``, ``respect_no_weight_decay``, ``merge``).
 
@@ -1027,7 +1149,7 @@ def build_param_groups(
             f"`prefix` must be a non-empty string naming the optimizer (such as 'generator') or None, got"
             f" {type(prefix).__name__} {prefix!r}."
         )
-    groups = DecayPlan.from_module(module, rules, **options).param_groups(lr=lr)
+    groups = DecayPlan.from_module(module, rules, example_inputs=example_inputs, **options).param_groups(lr=lr)
     if prefix is not None:
         for g in groups:
             g["name"] = f"{prefix}/{g['name']}"

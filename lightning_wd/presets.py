@@ -248,13 +248,14 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
     free-standing matrices whose role is a projection: stacked mixture-of-experts weights
     (three or more dimensions with a leading expert axis) and matrices named as
     projections, routers, gates, heads or layers (``fc``, ``dense``, ``qkv``, ``mat``, ``matrix``,
-    ``lora_A``). Matrices with other names (``U``, ``A``, ``mix``) need a trace. A parametrized weight counts as the weight it
-    parametrizes (``x.weight``, or the direction ``x.weight.original1`` of ``weight_norm``,
-    whose magnitude ``original0`` is a scale). Biases, normalization and embedding parameters,
-    tensors with fewer than two dimensions, and free-standing tokens, position tables and
-    scales are never linear weights. When the plan traced a forward pass that used ``param``, the
-    trace decides instead: true exactly when ``param`` (or a tensor computed from parameters alone,
-    such as a weight-normalized or low-rank-merged matrix) was the weight operand of a linear map.
+    ``lora_A``). Matrices with other names (``U``, ``A``, ``mix``) need a trace. A parametrized
+    weight counts as the weight it parametrizes (``x.weight``, or the direction
+    ``x.weight.original1`` of ``weight_norm``, whose magnitude ``original0`` is a scale). Biases,
+    normalization and embedding parameters, tensors with fewer than two dimensions, and
+    free-standing tokens, position tables and scales are never linear weights. When the plan
+    traced a forward pass that used ``param``, the trace decides instead: true exactly when
+    ``param`` (or a tensor computed from parameters alone, such as a weight-normalized or
+    low-rank-merged matrix) was the weight operand of a linear map.
 
     Raises:
         TypeError: if ``name`` is not a string, ``param`` not a tensor or ``module`` not an ``nn.Module``.

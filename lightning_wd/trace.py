@@ -24,7 +24,7 @@ shape-only tensors, so a large model costs no memory) and on the module's own de
 has no meta kernel or the forward needs real values. The model is not modified: parameters are
 swapped only for the duration of the call (``torch.func.functional_call``), buffers are replaced
 by copies, training mode and hooks are left as they are, and the random number generators are
-restored.
+restored, and attributes a forward sets on a submodule (a cache) are put back as they were.
 
 Examples:
     >>> import torch
@@ -528,9 +528,29 @@ def _run(
         tracer.seed(i, tensor)
     args, kwargs = _call_args(inputs)
     cuda = sorted({p.device.index or 0 for _, p in params if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda), torch.no_grad(), tracer:
+    with _attributes_kept(module), torch.random.fork_rng(devices=cuda), torch.no_grad(), tracer:
         torch.func.functional_call(module, values, args, kwargs, tie_weights=True, strict=False)
     return tracer.uses
+
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def _attributes_kept(module: nn.Module) -> Iterator[None]:
+    """Put back every submodule's plain attributes after the pass: a forward that caches a tensor in one
+    (a position table built on first use) would otherwise keep the meta tensor of the trace."""
+    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for mod, attrs in saved:
+            current = mod.__dict__
+            for key in [k for k in current if k not in attrs]:
+                del current[key]
+            for key, value in attrs.items():
+                if current.get(key, _ABSENT) is not value:
+                    current[key] = value
 
 
 def _decide(uses: Counter[tuple[Role, str]]) -> TracedRole:
