@@ -544,6 +544,13 @@ def _regroup(module: Any, optimizer: Optimizer, scheduler: Any) -> None:
         MisconfigurationException: if the optimizer does not hold exactly the module's parameters in one
             group, or has already stepped.
     """
+    specs = _resolved(module, "decay_optimizers")
+    if specs is not None:
+        raise MisconfigurationException(
+            f"LightningCLI's `--optimizer` builds one optimizer over all of {type(module).__name__}'s parameters, but"
+            f" its `decay_optimizers` declares {len(specs)} ({', '.join(map(repr, specs))}). Drop `--optimizer` /"
+            " `--lr_scheduler` (each OptimizerSpec has its own factory and scheduler), or drop `decay_optimizers`."
+        )
     params = list(module.parameters())
     groups = optimizer.param_groups
     if len(groups) != 1 or [id(p) for p in groups[0]["params"]] != [id(p) for p in params] or optimizer.state:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI, LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_wd as lwd
@@ -179,3 +180,12 @@ def test_the_same_holds_for_lightning_clis_own_optimizer_option(value: str | Non
         warnings.simplefilter("always")
         run.model.configure_optimizers()
     assert any("is ignored" in str(w.message) for w in caught) is warns
+
+
+def test_lightning_clis_optimizer_is_refused_with_the_fix_where_the_module_declares_several() -> None:
+    class Several(Bare):
+        decay_optimizers = {"body": lwd.OptimizerSpec("body"), "head": lwd.OptimizerSpec("head")}
+
+    run = cli(Several, ["--optimizer=SGD", "--optimizer.lr=0.1"])
+    with pytest.raises(MisconfigurationException, match=r"declares 2 \('body', 'head'\)\. Drop `--optimizer`"):
+        run.model.configure_optimizers()
