@@ -63,7 +63,8 @@ class WeightDecayCallback(Callback):
     r"""Apply weight decay after every real optimizer step, with any optimizer, and log it per group.
 
     The decay is ``WeightDecay``'s, with its modes (``decoupled``
-    ``p <- p (1 - η_t λ)``, ``lr_ratio``, ``independent``, ``relative``; the table is there), η\ :sub:`t`
+    ``p <- p (1 - η_t λ)``, ``lr_ratio``, ``independent``, ``relative``, ``corrected`` (AdamC); the table is
+    there), η\ :sub:`t`
     the group's ``lr`` and λ its ``weight_decay`` times the schedule's multiplier.
 
     ``ord=1`` replaces the multiplication by the soft threshold with the same step,

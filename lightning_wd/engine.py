@@ -418,7 +418,13 @@ class WeightDecay:
     independent    ``p <- p * (1 - λ)``
     relative       ``p <- p - η_t λ m(s) p``, ``m`` the mean absolute value (or RMS) of ``s``
                    over the group, ``s`` the gradients, the parameters or the update
+    corrected      ``p <- p * (1 - λ η_t² / η_max)`` (AdamC, Defazio 2025), ``η_max`` the group's
+                   peak lr: OneCycleLR's ``max_lr``, else ``initial_lr``, else the first lr
     ============== ===============================================================
+
+    ``toward`` decays toward reference weights ``p0`` instead of zero (L2-SP, Li et al. 2018):
+    ``p <- p - step (p - p0)``, the soft threshold of ``p - p0`` for ``ord=1``, and with
+    ``cautious`` only where the update moved ``p`` toward ``p0``. ``p0`` is in ``state_dict()``.
 
     ``ord=1`` replaces the multiplication by the soft threshold with the same step,
     ``p <- sign(p) max(|p| - step, 0)``. ``cautious=True`` decays only the coordinates that
@@ -433,8 +439,9 @@ class WeightDecay:
     (renamed, refilled, replaced by ``load_state_dict``, cast with ``.half()``), are picked up at
     the next step.
 
-    Memory: ``cautious=True``, ``source="update"`` and ``track_updates`` copy the decayed
-    parameters just before the optimizer's update and free the copy right after it.
+    Memory: ``cautious=True``, ``source="update"``, ``track_updates`` and ``track_diagnostics`` copy
+    the decayed parameters just before the optimizer's update and free the copy right after it;
+    ``toward`` keeps one copy of the decayed parameters for the whole run (``reference_nbytes``).
 
     Args:
         optimizer: A torch optimizer, or Lightning's, Fabric's or accelerate's wrapper of one.
@@ -452,6 +459,13 @@ class WeightDecay:
         total_steps: Length of the run in optimizer steps, for a schedule without its own
             ``total_steps`` (``Cosine``).
         track_updates: Measure each group's update norm at every step (for ``metrics``).
+        toward: ``"init"`` (the parameters when the engine is attached) or a state dict of reference
+            weights, by the names of the groups' ``param_names`` or of ``module``; None decays toward 0.
+        timescale_fraction: Set each decayed group's ``weight_decay`` when attached so that the decay
+            timescale ``1 / (η λ)`` is this fraction of ``total_steps`` (η the group's peak lr; 1 in
+            ``independent`` and ``lr_ratio`` mode): ``λ = 1 / (fraction · total_steps · η)``.
+        track_diagnostics: Measure each group's ``update_ratio`` and ``angular_update`` at the next
+            steps (for ``metrics(diagnostics=True)``); set it only before steps you log.
 
     Raises:
         TypeError: on an ``optimizer`` that is not one, a flag that is not a bool, or ``rules``
