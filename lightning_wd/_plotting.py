@@ -556,12 +556,21 @@ def diagnose(series: Series, *, run_length: int | None = None) -> str:
     """  # noqa: E501
     run = run_length or max((s[-1] for groups in series.values() for s, _ in groups.values() if s), default=0)
     run = max(run, 1)
-    groups = list(dict.fromkeys(g for m in ("param_norm", "timescale", "weight_decay") for g in series.get(m, {})))
+    groups = list(
+        dict.fromkeys(g for m in ("param_norm", "timescale", "threshold", "weight_decay") for g in series.get(m, {}))
+    )
     lines = [f"Weight decay over {run:,} optimizer steps"]
     for group in groups:
         steps, timescales = series.get("timescale", {}).get(group, ([], []))
         finite = [t for t in timescales if math.isfinite(t) and t > 0]
-        lines.append(f"{group}: " + (_timescale_reading(finite[-1], run) if finite else "not decayed (λ = 0)."))
+        thresholds = [t for t in series.get("threshold", {}).get(group, ([], []))[1] if t > 0]
+        if finite:
+            reading = _timescale_reading(finite[-1], run)
+        elif thresholds:  # ord=1: a soft threshold, which has no timescale
+            reading = f"L1 soft threshold of {thresholds[-1]:.3g} per step (no timescale: it zeroes what it reaches)."
+        else:
+            reading = "not decayed (λ = 0)."
+        lines.append(f"{group}: {reading}")
         steps, norms = series.get("param_norm", {}).get(group, ([], []))
         if norms:
             lines.append("  " + _norm_reading(steps, norms, run))

@@ -304,6 +304,8 @@ def test_diagnose_reads_timescale_and_norm_drift():
     assert "no_decay: not decayed" in report
     assert "2 -> 2.02 (+1.0%): settled" in report
     assert "√(2ηλ) = 0.02: close to it (1.00x)" in report  # sqrt(2 * 2e-4) = 0.02
+    l1 = _plotting.diagnose({"threshold": {"decay": ([0, 10], [1e-3, 1e-3])}})
+    assert "decay: L1 soft threshold of 0.001 per step" in l1
 
 
 # ---------------------------------------------------------------- the callback: resume, timescale, logging
@@ -342,7 +344,10 @@ def test_toward_init_resumes_exactly_from_a_trainer_checkpoint(tmp_path):
     assert not torch.allclose(other.net.fc1.weight, whole.net.fc1.weight, atol=1e-5)
 
 
-def test_callback_timescale_fraction_and_diagnostics(tmp_path, caplog, capsys):
+def test_callback_timescale_fraction_and_diagnostics(tmp_path, caplog, capsys, monkeypatch):
+    snapshots = []
+    take = lwd.WeightDecay._take_snapshot
+    monkeypatch.setattr(lwd.WeightDecay, "_take_snapshot", lambda self: snapshots.append(self.steps) or take(self))
     callback = lwd.WeightDecayCallback(timescale_fraction=0.5, log_diagnostics=True)
     logger = CSVLogger(tmp_path, name="logs")
     net = WDNet()
@@ -357,6 +362,7 @@ def test_callback_timescale_fraction_and_diagnostics(tmp_path, caplog, capsys):
         assert f"wd/decay/{key}" in metrics
     rows = [line for line in metrics.splitlines()[1:] if line.strip(",")]
     assert 0 < len(rows) < 8  # logging steps only
+    assert len(snapshots) == len(rows)  # the parameters were copied on those steps and no other
 
     out = tmp_path / "wd.png"
     cli(["plot", str(tmp_path / "logs"), "-o", str(out)])
