@@ -29,6 +29,7 @@ import contextlib
 import importlib.util
 import logging
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -60,6 +61,10 @@ SMALL = dict(
 )  # fmt: skip
 
 
+#: Models larger than this from the small config are not built (they would take the machine's memory).
+MAX_PARAMETERS = 30_000_000
+
+
 def _transformers_builder(model_type: str) -> Builder:
     def build() -> tuple[nn.Module, Any]:
         from transformers import AutoConfig, AutoModel
@@ -69,6 +74,10 @@ def _transformers_builder(model_type: str) -> Builder:
             if hasattr(config, key):
                 with contextlib.suppress(Exception):  # some configs derive these and refuse a direct set
                     setattr(config, key, value)
+        with torch.device("meta"):  # count first: a few configs stay large whatever the small values say
+            size = sum(p.numel() for p in AutoModel.from_config(config).parameters())
+        if size > MAX_PARAMETERS:
+            raise ValueError(f"{size / 1e6:.0f}M parameters from the small config, over {MAX_PARAMETERS / 1e6:.0f}M")
         model = AutoModel.from_config(config).eval()
         return model, _transformers_inputs(model, config)
 
@@ -372,6 +381,7 @@ def run(selected: list[str], all_transformers: bool) -> None:
                 builders = {t: _transformers_builder(t) for t in sorted(transformers.CONFIG_MAPPING.keys())}
         outcome = outcomes.setdefault(library, Outcome())
         for name, build in builders.items():
+            print(f"{library}: {name}", file=sys.stderr, flush=True)
             try:
                 torch.manual_seed(0)
                 model, inputs = build()

@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 import lightning_wd as lwd
 from lightning_wd import presets
 from lightning_wd.trace import RoleTrace, trace_roles
+from tests.helpers import RunIf
 
 
 class FreeMatrices(nn.Module):
@@ -550,3 +551,27 @@ def test_explain_refuses_a_bad_example_input(capsys, argv, match):
         _explain(capsys, "tests/test_trace.py:FreeMatrices", *argv)
     assert exit_info.value.code == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+@RunIf(cuda=True)
+def test_fallback_on_a_cuda_module_moves_the_inputs_and_keeps_its_generator():
+    model = NeedsValues().cuda()
+    state = torch.cuda.get_rng_state()
+    trace = trace_roles(model, torch.randn(2, 4))  # a CPU input: moved to the module's device
+    assert trace.device == "cuda:0" and trace.get(model.W).role == "linear"
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    plan = lwd.DecayPlan.from_module(model, presets.standard(0.1), trace=trace)
+    assert decayed(plan) == set(NeedsValues.DECAYED)
+
+
+def test_a_group_added_during_training_is_split_by_the_traced_roles():
+    model = LitFree()
+    for p in (model.net.U, model.net.gain):
+        p.requires_grad_(False)  # frozen at first, as BaseFinetuning does
+    optimizer = model.configure_optimizers()
+    for p in (model.net.U, model.net.gain):
+        p.requires_grad_(True)
+    optimizer.add_param_group({"params": [model.net.U, model.net.gain]})
+    added = {g["name"]: g for g in optimizer.param_groups[-2:]}
+    assert added["pg3/decay"]["params"] == [model.net.U] and added["pg3/decay"]["weight_decay"] == 0.1
+    assert added["pg3/no_decay"]["params"] == [model.net.gain]
