@@ -13,9 +13,10 @@
   ``Trainer.fit`` on one process here (a one-rank mesh: DTensors and collectives all the same), matched
   against the single-process reference of ``tests.fsdp2_helpers``; the 2-process run is in
   ``tests/test_sharded.py``.
-* FSDP1 and DeepSpeed are refused at fit start. Lightning does not run them on CPU (or without the
-  ``deepspeed`` package), so the refusal is checked through ``WeightDecayCallback.setup`` with a
-  trainer stand-in holding a real, never-started strategy object.
+* FSDP1 with flat parameters (``use_orig_params=False``) and DeepSpeed are refused at fit start; FSDP1
+  with its default ``use_orig_params=True`` is accepted (its runs are in ``tests/test_fsdp1.py``).
+  Lightning does not run them on CPU (or without the ``deepspeed`` package), so the checks go through
+  ``WeightDecayCallback.setup`` with a trainer stand-in holding a real strategy object.
 """
 
 from __future__ import annotations
@@ -314,17 +315,20 @@ def _never_started(cls: type) -> Any:
     ("strategy", "match"),
     [
         (
-            FSDPStrategy(),
-            r"`strategy`=FSDPStrategy: FSDP \(FSDP1\) flattens parameters.*strategy=ModelParallelStrategy\(\) and"
-            r" `fully_shard\(\.\.\., mesh=self\.device_mesh\['data_parallel'\]\)` in the LightningModule's"
-            r" `configure_model`.*or use strategy='ddp'",
+            FSDPStrategy(use_orig_params=False),
+            r"`strategy`=FSDPStrategy with use_orig_params=False: FSDP then trains flat parameters.*Leave"
+            r" `use_orig_params` at its default, True",
         ),
-        (MyFSDP(), r"`strategy`=MyFSDP: FSDP \(FSDP1\) flattens parameters"),
-        (_never_started(DeepSpeedStrategy), r"`strategy`=DeepSpeedStrategy: DeepSpeed keeps fp32 master copies"),
+        (MyFSDP(use_orig_params=False), r"`strategy`=MyFSDP with use_orig_params=False"),
+        (
+            _never_started(DeepSpeedStrategy),
+            r"`strategy`=DeepSpeedStrategy: DeepSpeed steps its own fp32 master partitions.*drop this callback and"
+            r" let DeepSpeed's optimizer apply each group's own weight_decay.*or train with strategy='fsdp'",
+        ),
     ],
-    ids=["fsdp", "fsdp-subclass", "deepspeed"],
+    ids=["fsdp-flat-parameters", "fsdp-subclass-flat-parameters", "deepspeed"],
 )
-def test_fsdp1_and_deepspeed_are_refused_in_setup(strategy, match):
+def test_fsdp1_flat_parameters_and_deepspeed_are_refused_in_setup(strategy, match):
     """``setup`` is the first hook of a fit (before ``configure_optimizers`` and any step): it refuses
     the strategy with the reason and the alternative."""
     cb = lwd.WeightDecayCallback()
@@ -338,7 +342,7 @@ class MyModelParallel(ModelParallelStrategy):
     """A user's subclass of an accepted strategy."""
 
 
-@pytest.mark.parametrize("strategy", [ModelParallelStrategy, MyModelParallel, DDPStrategy])
-def test_model_parallel_and_ddp_are_accepted_in_setup(strategy):
+@pytest.mark.parametrize("strategy", [ModelParallelStrategy, MyModelParallel, DDPStrategy, FSDPStrategy, MyFSDP])
+def test_model_parallel_fsdp_and_ddp_are_accepted_in_setup(strategy):
     cb = lwd.WeightDecayCallback()
     cb.setup(SimpleNamespace(strategy=_never_started(strategy)), WDNet(), "fit")  # type: ignore[arg-type]
