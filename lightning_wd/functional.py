@@ -522,6 +522,8 @@ def _apply_decay_(
 #: Python call per tensor is then negligible beside the pass over its memory.
 _FEW_TENSORS = 8
 _LARGE_TENSOR = 1 << 15
+#: Elements per block where large CPU tensors are worked on in blocks: a block's intermediate values stay in cache.
+_BLOCK = 1 << 18
 
 
 def _few_large(tensors: list[Tensor], numel: int | None) -> bool:
@@ -566,11 +568,21 @@ def _cautious_decay_(tensors: list[Tensor], before: list[Tensor], step: Step, or
       the last bit of a fused multiply-add, and ``p`` exactly elsewhere);
     * ``ord=1``: ``p <- p + q * clamp(p, -step, step)`` (the soft threshold where ``q = -1``).
 
+    A few large float32/float64 tensors on CPU are worked on in blocks of 2^18 elements, with one
+    scratch block instead of a temporary the size of the tensors: the same operations, so the same
+    bits, with each block's intermediate values in cache.
+
     Call under no_grad with lists of one device and dtype, checked by the caller.
     """
     if not tensors:
         return
     step = _on(step, tensors[0].device)
+    if _in_blocks(tensors, before) and (ord == 2 or not isinstance(step, Tensor)):
+        scratch = torch.empty(min(_BLOCK, max(map(Tensor.numel, tensors))), dtype=tensors[0].dtype)
+        for t, b in zip(tensors, before, strict=True):
+            for block, old in zip(t.view(-1).split(_BLOCK), b.view(-1).split(_BLOCK), strict=True):
+                _cautious_block_(block, old, scratch[: block.numel()], step, ord)
+        return
     delta = list(torch._foreach_sub(tensors, before))
     torch._foreach_mul_(before, delta)
     del delta
@@ -590,6 +602,34 @@ def _cautious_decay_(tensors: list[Tensor], before: list[Tensor], step: Step, or
     clipped = list(torch._foreach_clamp_max(tensors, step))
     torch._foreach_clamp_min_(clipped, -step)
     torch._foreach_addcmul_(tensors, clipped, before)
+
+
+def _in_blocks(tensors: list[Tensor], others: list[Tensor]) -> bool:
+    """Whether ``tensors`` (and ``others``, one per tensor) are a few contiguous float32/float64 CPU tensors."""
+    dtype = tensors[0].dtype
+    return (
+        len(tensors) <= _FEW_TENSORS
+        and dtype in _EXACT_FACTOR_DTYPES
+        and all(
+            type(t) in _PLAIN_CLASSES and t.is_cpu and t.dtype == dtype and t.is_contiguous()
+            for t in (*tensors, *others)
+        )
+    )
+
+
+def _cautious_block_(p: Tensor, b: Tensor, scratch: Tensor, step: Step, ord: int) -> None:
+    """``_cautious_decay_`` of one block ``p`` with its copy ``b`` (consumed) and a scratch block of its size."""
+    torch.sub(p, b, out=scratch)
+    b.mul_(scratch).clamp_max_(0.0).sign_()
+    if ord == 2:
+        if isinstance(step, Tensor):
+            p.addcmul_(p, b.mul_(step))
+        else:
+            p.addcmul_(p, b, value=step)
+        return
+    bound = float(step)  # (ord=1 comes here with a Python step only)
+    torch.clamp(p, -bound, bound, out=scratch)
+    p.addcmul_(scratch, b)
 
 
 @torch.no_grad()
@@ -853,10 +893,6 @@ def _by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
     return group_by_device_and_dtype(tensors)
 
 
-#: Elements per block of the CPU sum of absolute values: a block and its absolute values stay in cache.
-_ABS_BLOCK = 1 << 18
-
-
 def _abs_sum(tensors: Sequence[Tensor]) -> Tensor:
     """``sum |x|`` over all elements of ``tensors`` (float32, 0-dim, on the first tensor's device).
 
@@ -874,9 +910,9 @@ def _abs_sum(tensors: Sequence[Tensor]) -> Tensor:
     ):
         return _norms(tensors, 1).sum()
     sums = []
-    scratch = torch.empty(min(_ABS_BLOCK, max(map(Tensor.numel, tensors))), dtype=dtype)
+    scratch = torch.empty(min(_BLOCK, max(map(Tensor.numel, tensors))), dtype=dtype)
     for t in tensors:
-        for block in t.detach().reshape(-1).split(_ABS_BLOCK):
+        for block in t.detach().reshape(-1).split(_BLOCK):
             out = scratch[: block.numel()]
             torch.abs(block, out=out)
             sums.append(out.sum())

@@ -55,7 +55,8 @@ def _bytes(text: str) -> float:
     return float(value) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
 
 
-#: The CPU measure of `relative` (the sum of absolute values) uses one scratch block of 2**18 float32.
+#: On CPU, a few large tensors are measured (`relative`) and masked (`cautious`) block by block, with one
+#: scratch block of 2**18 float32.
 _SCRATCH = 2**20 + 2**14
 
 
@@ -82,7 +83,9 @@ def test_memory_benchmark_shows_the_documented_cost():
             assert float(peak) == 1.0, (tensors, mode)
         elif mode == "ord=1 (L1)":  # a few large tensors: the soft threshold in place, no temporary
             assert float(peak) == 0.0, (tensors, mode)
-        elif mode == "cautious":
+        elif mode == "cautious" and tensors == "4 tensors":  # the copy, and one scratch block for the mask
+            assert decayed <= _bytes(peak_bytes) <= decayed + _SCRATCH, (tensors, mode)
+        elif mode == "cautious":  # the copy, and the mask's temporary
             assert float(peak) == 2.0, (tensors, mode)
 
 
