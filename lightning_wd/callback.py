@@ -439,6 +439,7 @@ class WeightDecayCallback(Callback):
                 engine = self._engine(opt, pl_module, rules, plan_options, total, strict=False)
                 if index < len(before) and before[index].optimizer not in optimizers:
                     engine.steps = before[index].steps  # the optimizer it replaces: the schedule goes on
+                    engine._inherit_reference(before[index])  # and `toward` keeps its p0
             engines.append(engine)
         for gone in by_optimizer.values():
             gone.remove()

@@ -890,6 +890,16 @@ class WeightDecay:
             )
         return out
 
+    def _inherit_reference(self, other: WeightDecay) -> None:
+        """Take ``other``'s ``p0`` for the parameters both decay (an optimizer re-created mid-run keeps them)."""
+        if self._reference is None or not other._reference:
+            return
+        for key in self._reference.keys() & other._reference.keys():
+            self._reference[key] = other._reference[key]
+        for b in self._buckets:
+            if b.reference is not None:
+                b.reference = [[self._reference[id(p)] for p in chunk] for chunk in b.chunks]
+
     @property
     def reference_nbytes(self) -> int:
         """Bytes held by the ``toward`` references ``p0`` (0 without ``toward``): one copy per decayed parameter.

@@ -17,6 +17,7 @@ import logging
 import math
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
@@ -309,8 +310,8 @@ def test_diagnose_reads_timescale_and_norm_drift():
 
 
 # ---------------------------------------------------------------- the callback: resume, timescale, logging
-def fit(tmp_path: Any, model: WDNet, callback: Any, epochs: int, ckpt: Any = None, **kw: Any) -> Any:
-    t = trainer(tmp_path, [callback], max_epochs=epochs, **kw)
+def fit(tmp_path: Any, model: WDNet, callback: Any, epochs: int, ckpt: Any = None, callbacks=(), **kw: Any) -> Any:
+    t = trainer(tmp_path, [*callbacks, callback], max_epochs=epochs, **kw)
     t.fit(model, loader(n=32, batch_size=8), ckpt_path=ckpt)  # 4 steps per epoch
     return t
 
@@ -375,3 +376,24 @@ def test_callback_timescale_fraction_and_diagnostics(tmp_path, caplog, capsys, m
     resumed = fit(tmp_path / "r", again, lwd.WeightDecayCallback(timescale_fraction=0.5), epochs=4, ckpt=path)
     # a fresh start would set 1 / (0.5 * 16 * 0.1) = 1.25; the resume keeps the checkpoint's λ
     assert group(resumed.optimizers[0], "decay")["weight_decay"] == pytest.approx(lam)
+
+
+class RecreateOptimizers(L.Callback):
+    """Re-creates the optimizers at the start of epoch 1 (as a user switching optimizers would)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.current_epoch == 1:
+            trainer.strategy.setup_optimizers(trainer)
+
+
+def test_toward_init_keeps_its_reference_when_the_optimizer_is_recreated(tmp_path):
+    net = WDNet()
+    init = net.net.fc1.weight.detach().clone()
+    callback = lwd.WeightDecayCallback(toward="init")
+    with pytest.warns(UserWarning, match="optimizers changed during training"):
+        fit(tmp_path, net, callback, epochs=2, callbacks=[RecreateOptimizers()])
+    (engine,) = callback.engines
+    names = [n for g in engine.optimizer.param_groups for n in g["param_names"]]
+    reference = engine.state_dict()["reference"][names.index("net.fc1.weight")]
+    torch.testing.assert_close(reference, init)  # p0 of the fit's start, not of the optimizer's re-creation
+    assert not torch.allclose(net.net.fc1.weight, init)
