@@ -397,3 +397,24 @@ def test_toward_init_keeps_its_reference_when_the_optimizer_is_recreated(tmp_pat
     reference = engine.state_dict()["reference"][names.index("net.fc1.weight")]
     torch.testing.assert_close(reference, init)  # p0 of the fit's start, not of the optimizer's re-creation
     assert not torch.allclose(net.net.fc1.weight, init)
+
+
+def test_toward_a_state_dict_under_the_trainer_uses_the_given_weights(tmp_path):
+    pretrained = WDNet(seed=5).state_dict()  # named as the LightningModule names its parameters
+    callback = lwd.WeightDecayCallback(toward=pretrained)
+    net = WDNet(seed=0)
+    fit(tmp_path, net, callback, epochs=1)
+    (engine,) = callback.engines
+    names = [n for g in engine.optimizer.param_groups for n in g["param_names"]]
+    saved = engine.state_dict()["reference"]
+    assert sorted(names[i] for i in saved) == ["net.fc1.weight", "net.fc2.weight"]
+    for i, ref in saved.items():
+        torch.testing.assert_close(ref, pretrained[names[i]])
+
+
+def test_corrected_mode_refuses_a_group_starting_at_lr_zero():
+    net = model()
+    opt = torch.optim.SGD(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=0.0)
+    with pytest.raises(ValueError, match=r"`mode`='corrected' divides by the group's initial \(peak\) lr"):
+        lwd.WeightDecay(opt, mode="corrected")
+    assert "step" not in opt.__dict__
