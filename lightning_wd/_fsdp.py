@@ -165,6 +165,13 @@ def _mesh(group: ProcessGroup, device_type: str) -> Any:
     return mesh
 
 
+def _reduction_device_type(group: ProcessGroup, param: Tensor) -> str:
+    """Where sums over ``group`` are reduced: the views' device, or the GPU for NCCL (CPU-offloaded views)."""
+    return (
+        "cuda" if param.device.type == "cpu" and torch.distributed.get_backend(group) == "nccl" else param.device.type
+    )
+
+
 def layouts(params: Iterable[Tensor], infos: dict[int, ShardInfo]) -> list[_Layout] | None:
     """Each tensor's layout for the functional kernels: a view sharded over a group of several processes is
     sharded over a 1-D mesh of that group; anything else is held whole. None when nothing is sharded.
@@ -184,7 +191,7 @@ def layouts(params: Iterable[Tensor], infos: dict[int, ShardInfo]) -> list[_Layo
         if group is None or group.size() == 1:
             out.append(None)
         else:
-            out.append((_mesh(group, p.device.type), (0,)))
+            out.append((_mesh(group, _reduction_device_type(group, p)), (0,)))
     return out if any(out) else None
 
 
@@ -217,7 +224,9 @@ def reduced_sums(
             part[1] = float(sum(t.numel() for t in group))
         if layout is not None:
             mesh, dims = layout
+            if mesh.device_type != device.type:  # CPU-offloaded views under NCCL: reduce on the GPU
+                part = part.to(mesh.device_type)
             for dim in dims:
                 torch.distributed.all_reduce(part, group=mesh.get_group(dim))
-        total += part
+        total += part.to(device)
     return total
