@@ -16,6 +16,8 @@ import sys
 import lightning as L
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
@@ -80,8 +82,8 @@ class Lookups(nn.Module):
     """Tables looked up by data (embedding, indexing, a tied head) and experts selected by data."""
 
     DECAYED = ("experts", "router", "proj.weight")
-    NOT_DECAYED = ("table", "rows", "rel_bias", "proj.bias", "norm_gain")
-    EMBEDDINGS = ("table", "rows", "rel_bias")
+    NOT_DECAYED = ("table", "rows", "rel_bias", "bag", "proj.bias", "norm_gain")
+    EMBEDDINGS = ("table", "rows", "rel_bias", "bag")
 
     def __init__(self, vocab: int = 11, d: int = 8, n_experts: int = 3) -> None:
         super().__init__()
@@ -93,9 +95,11 @@ class Lookups(nn.Module):
         self.experts = nn.Parameter(torch.randn(n_experts, d, d))  # rows of a stack selected by data
         self.proj = nn.Linear(d, d)
         self.norm_gain = nn.Parameter(torch.ones(d))
+        self.bag = nn.Parameter(torch.randn(vocab, d))  # F.embedding_bag
 
     def forward(self, ids: Tensor) -> Tensor:
         x = F.embedding(ids, self.table) + self.rows[torch.arange(ids.shape[1], device=ids.device)]
+        x = x + F.embedding_bag(ids, self.bag, mode="mean")[:, None, :]
         bias = self.rel_bias[self.rel_index]  # (n, n, heads)
         x = x + bias.mean(-1).sum(-1)[None, :, None]
         choice = F.linear(x, self.router).argmax(-1)  # (b, n)
@@ -575,3 +579,73 @@ def test_a_group_added_during_training_is_split_by_the_traced_roles():
     added = {g["name"]: g for g in optimizer.param_groups[-2:]}
     assert added["pg3/decay"]["params"] == [model.net.U] and added["pg3/decay"]["weight_decay"] == 0.1
     assert added["pg3/no_decay"]["params"] == [model.net.gain]
+
+
+# ------------------------------------------------------------------------------ property: any recipe of uses
+_MATRIX_OPS = ("matmul", "linear", "einsum", "transposed", "lowrank", "lookup")
+_VECTOR_OPS = ("add", "mul")
+_SCALAR_OPS = ("div_exp", "gate")
+
+
+class Recipe(nn.Module):
+    """Free parameters used in ``forward`` as ``steps`` say: (op, index of the parameter [, second index])."""
+
+    def __init__(self, steps: list[tuple[str, int, int]], d: int = 4) -> None:
+        super().__init__()
+        self.steps = steps
+        self.m = nn.ParameterList([nn.Parameter(torch.randn(d, d) / 2) for _ in range(3)])
+        self.v = nn.ParameterList([nn.Parameter(torch.randn(d)) for _ in range(2)])
+        self.s = nn.ParameterList([nn.Parameter(torch.zeros(())) for _ in range(2)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for op, i, j in self.steps:
+            if op == "matmul":
+                x = x @ self.m[i]
+            elif op == "linear":
+                x = F.linear(x, self.m[i])
+            elif op == "einsum":
+                x = torch.einsum("bd,de->be", x, self.m[i])
+            elif op == "transposed":
+                x = x @ self.m[i].T.reshape(self.m[i].shape)
+            elif op == "lowrank":
+                x = x @ (self.m[i] @ self.m[j])
+            elif op == "lookup":
+                x = x + self.m[i][x.argmax(-1)]
+            elif op == "add":
+                x = x + self.v[i]
+            elif op == "mul":
+                x = x * self.v[i]
+            elif op == "div_exp":
+                x = x / self.s[i].exp()
+            else:
+                x = x * torch.sigmoid(self.s[i])
+        return x
+
+
+def _expected_roles(steps: list[tuple[str, int, int]]) -> dict[str, str]:
+    """The documented rule, applied to the recipe: embedding if any use looks it up, else linear if any use is
+    the weight of a linear map, else other."""
+    uses: dict[str, set[str]] = {}
+    for op, i, j in steps:
+        if op in _MATRIX_OPS:
+            role = "embedding" if op == "lookup" else "linear"
+            for k in (i, j) if op == "lowrank" else (i,):
+                uses.setdefault(f"m.{k}", set()).add(role)
+        else:
+            uses.setdefault(f"{'v' if op in _VECTOR_OPS else 's'}.{i}", set()).add("other")
+    return {name: next(r for r in ("embedding", "linear", "other") if r in roles) for name, roles in uses.items()}
+
+
+_STEP = st.one_of(
+    st.tuples(st.sampled_from(_MATRIX_OPS), st.integers(0, 2), st.integers(0, 2)),
+    st.tuples(st.sampled_from(_VECTOR_OPS + _SCALAR_OPS), st.integers(0, 1), st.just(0)),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=st.lists(_STEP, min_size=1, max_size=8), device=st.sampled_from(["meta", "module"]))
+def test_any_recipe_of_uses_gets_the_documented_roles(steps, device):
+    model = Recipe(steps)
+    trace = trace_roles(model, torch.randn(3, 4), device=device)
+    got = {name: trace.get(p).role for name, p in model.named_parameters() if p in trace}
+    assert got == _expected_roles(steps)
