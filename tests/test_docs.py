@@ -250,6 +250,20 @@ def test_claimed_output_reads_the_comments_after_a_print() -> None:
     assert claimed_output(code) == ["2", "more"]
 
 
+def _table_rows(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+
+
+def test_the_comparison_page_shows_the_readmes_table() -> None:
+    """The README's table is checked against the script's output (``tests/test_benchmarks.py``); the guide
+    repeats it, so it must be the same table."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").split("## How other tools group parameters", 1)[1]
+    guide = (ROOT / "docs" / "guides" / "comparison.md").read_text(encoding="utf-8")
+    claimed = _table_rows(readme.split("\n## ", 1)[0])
+    assert claimed, "the README lost its comparison table"
+    assert _table_rows(guide)[: len(claimed)] == claimed
+
+
 # ------------------------------------------------------------------------------------------ the site
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     for module in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python"):
