@@ -339,10 +339,11 @@ def test_scale_batch_size_trials_leave_no_decay_or_step_count_behind(tmp_path):
     callback = lwd.WeightDecayCallback(schedule=schedules.LinearWarmup(warmup_steps=4))
     t = trainer(tmp_path, [callback], max_epochs=1)
     found = Tuner(t).scale_batch_size(model, mode="power", steps_per_trial=2, max_trials=3)
-    assert found == model.batch_size == 8  # 2 -> 4 -> 8: max_trials=3 counts the first size too
+    # 2 -> 4 -> 8 (Lightning 2.5+ counts the first size as a trial; 2.4 goes on to 16)
+    assert found == model.batch_size and found in (8, 16)
     for name, p in model.named_parameters():  # the trials' steps (and their decay) are undone
         torch.testing.assert_close(p.detach(), initial[name], msg=name)
     recorder = StepRecorder(WDS, schedule=schedules.LinearWarmup(warmup_steps=4), mode="decoupled")
     t = trainer(tmp_path, [callback, recorder], max_epochs=1)
     t.fit(model)
-    assert recorder.checked == 8 and callback.engines[0].steps == 8  # 64 / 8 batches; warm-up from step 0
+    assert recorder.checked == 64 // found == callback.engines[0].steps  # one step per batch; warm-up from step 0

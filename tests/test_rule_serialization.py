@@ -80,6 +80,8 @@ def via_pickle(obj: Any) -> Any:
 
 
 LOADERS = [pytest.param(via_torch, id="torch_weights_only"), pytest.param(via_pickle, id="pickle")]
+#: torch 2.4's weights_only unpickler: no `safe_globals` context manager, no bytes.
+OLD_WEIGHTS_ONLY = not hasattr(torch.serialization, "safe_globals")
 
 
 def crafted(state: Any) -> lwd.DecayRule:
@@ -380,6 +382,7 @@ def user_predicate(name: str, param: Tensor, module: nn.Module) -> bool:
     return name.startswith("head.")
 
 
+@pytest.mark.skipif(OLD_WEIGHTS_ONLY, reason="torch.serialization.safe_globals is new in torch 2.5")
 def test_user_predicate_needs_allowlisting_for_weights_only():
     rules = [R("head", 0.2, predicate=user_predicate), REST]
     buffer = io.BytesIO()
@@ -439,6 +442,12 @@ DROP = object()
 )
 @pytest.mark.parametrize("load", LOADERS)
 def test_loaded_state_is_validated_again(changes, error, match, load):
+    if (
+        load is via_torch
+        and OLD_WEIGHTS_ONLY
+        and any(isinstance(v, bytes) for e in changes.get("params", ()) for v in e)
+    ):
+        pytest.skip("torch < 2.5 refuses bytes under weights_only before the rule sees them")
     edited = {k: v for k, v in state(**changes).items() if v is not DROP}
     with pytest.raises(error, match=match):
         load(crafted(edited))
