@@ -849,8 +849,8 @@ class WeightDecay:
                 strict,
                 f"toward-sharded:{bucket.name}",
                 f"`toward` keeps a full reference copy per parameter, but group {bucket.name!r} holds sharded"
-                " (DTensor) parameters, whose references would have to be saved per rank. Use `toward` with"
-                " unsharded parameters (DDP), or decay that group toward zero.",
+                " parameters (DTensors, FSDP shards), whose references would have to be saved per rank. Use"
+                " `toward` with unsharded parameters (DDP), or decay that group toward zero.",
                 later=" It is decayed toward zero.",
             )
             return False
@@ -1062,7 +1062,9 @@ class WeightDecay:
                         else:
                             F._apply_decay_toward_(part.tensors, ref, step, self.options.ord, mask)
                 bucket.checked_precision = True
-            if parts and self.track_diagnostics and parts[0].before:
+            if bucket.views is not None and self.track_diagnostics and befores is not None:  # FSDP1: every rank
+                bucket.update_ratio, bucket.angular_update = _views_angle(bucket, parts)
+            elif parts and self.track_diagnostics and parts[0].before:
                 layouts = [layout for part in parts for layout in part.layouts] if bucket.sharded else None
                 befores_ = [t for part in parts for t in part.before]
                 bucket.update_ratio, bucket.angular_update = F._angle(
@@ -1376,6 +1378,23 @@ def _views_norm(bucket: _Bucket, tensors: list[Tensor], layouts: list[F._Layout]
     """The L2 norm of FSDP1 views (local parts) over the whole tensors: one ``all_reduce`` per shard group."""
     assert bucket.views is not None
     return _fsdp.reduced_sums(tensors, layouts, bucket.views, 2, bucket.params[0].device)[0].sqrt()
+
+
+def _views_angle(bucket: _Bucket, parts: list[_Part]) -> tuple[Tensor, Tensor]:
+    """``functional._angle`` over FSDP1 views: the same formula, each norm reduced over every shard group
+    of the bucket, also on a rank that holds none of its tensors with a gradient."""
+    layouts = [layout for part in parts for layout in part.layouts]
+    before = [t.float() for part in parts for t in part.before]
+    after = [t.float() for part in parts for t in part.tensors]
+    tiny = torch.finfo(torch.float32).tiny
+    norm_before = _views_norm(bucket, before, layouts).clamp_min(tiny)
+    norm_after = _views_norm(bucket, after, layouts).clamp_min(tiny)
+    ratio = _views_norm(bucket, list(torch._foreach_sub(after, before)) if after else [], layouts) / norm_before
+    unit = list(torch._foreach_mul(before, norm_before.reciprocal())) if before else []
+    if unit:  # (foreach kernels refuse empty lists)
+        torch._foreach_sub_(unit, torch._foreach_mul(after, norm_after.reciprocal()))
+    chord = _views_norm(bucket, unit, layouts)
+    return ratio, 2 * torch.asin((chord / 2).clamp(max=1.0))
 
 
 def _locals_of(bucket: _Bucket) -> list[list[Tensor]]:
