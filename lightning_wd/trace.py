@@ -381,15 +381,17 @@ class _Tracer(TorchFunctionMode):
         shown = _SHOWN.get(name, name)
 
         def use(info: Any, role: Role) -> None:
+            # Rows of a stack selected by data and used as data: the lookup is what shows the role.
+            op = "indexing" if role == "embedding" and info[1] else shown
             for index in info[0]:
-                calls.add((index, role, shown))
+                calls.add((index, role, op))
 
         if name in _LAYER_OPS:
             position, keyword = _LAYER_OPS[name]
             for (slot, _), info in zip(operands, infos, strict=True):
                 if info is not None:
                     weight = slot[:2] in (("pos", position), ("kw", keyword))
-                    use(info, "linear" if weight else "other")
+                    use(info, "linear" if weight else "embedding" if info[1] else "other")
         elif all(info is not None for info in infos):
             self._parameter_math(name, operands, infos, out, use)
         elif name in _EMBEDDING_OPS:

@@ -649,3 +649,22 @@ def test_any_recipe_of_uses_gets_the_documented_roles(steps, device):
     trace = trace_roles(model, torch.randn(3, 4), device=device)
     got = {name: trace.get(p).role for name, p in model.named_parameters() if p in trace}
     assert got == _expected_roles(steps)
+
+
+class RowsIntoLayer(nn.Module):
+    """Matrices of a stack selected by data and fed to a layer as its input: looked-up rows, not weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codes = nn.Parameter(torch.randn(5, 3, 4))
+        self.W = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.linear(self.codes[ids], self.W)
+
+
+def test_rows_of_a_stack_fed_to_a_layer_are_looked_up():
+    model = RowsIntoLayer()
+    trace = trace_roles(model, torch.tensor([0, 3]))
+    assert trace.get(model.codes).evidence == "indexed by data in 1 call"
+    assert trace.get(model.W).role == "linear"
