@@ -31,8 +31,24 @@ from tests.helpers import RunIf
 class FreeMatrices(nn.Module):
     """Linear maps from free parameters, used directly in ``forward`` in every way a user writes them."""
 
-    DECAYED = ("U", "V", "A", "B", "M", "mat", "fc", "dense", "head", "qkv", "lora_A", "lora_B", "kernel", "stack")
-    NOT_DECAYED = ("pos", "cls", "gain", "temperature", "gate", "offset", "mix_bias", "scale")
+    DECAYED = (
+        "U",
+        "V",
+        "A",
+        "B",
+        "M",
+        "mat",
+        "fc",
+        "dense",
+        "head",
+        "qkv",
+        "lora_A",
+        "lora_B",
+        "kernel",
+        "stack",
+        "bb",
+    )
+    NOT_DECAYED = ("pos", "cls", "gain", "temperature", "gate", "offset", "mix_bias", "scale", "bb_shift")
 
     def __init__(self, d: int = 8) -> None:
         super().__init__()
@@ -56,6 +72,7 @@ class FreeMatrices(nn.Module):
         self.gate = nn.Parameter(torch.zeros(1))  # sigmoid, multiplied
         self.offset = p(d)  # added
         self.scale = p(1, 1, d)  # einsum, not contracted: an elementwise scale
+        self.bb, self.bb_shift = p(d, d), p(d)  # baddbmm's batch operand and its additive operand
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.pos
@@ -74,6 +91,7 @@ class FreeMatrices(nn.Module):
         x = x + x @ self.lora_A.T @ self.lora_B.T
         x = F.conv1d(x.transpose(1, 2), self.kernel, padding=1).transpose(1, 2)
         x = torch.bmm(x.reshape(1, b * n, d).expand(3, -1, -1), self.stack).mean(0).reshape(b, n, d)
+        x = torch.baddbmm(self.bb_shift, x, self.bb.expand(b, d, d))
         x = x * self.gain / self.temperature * torch.sigmoid(self.gate) + self.offset
         return F.linear(x, self.head)
 
@@ -520,7 +538,7 @@ def _decayed_in_listing(out: str) -> set[str]:
 
 def test_explain_traces_an_example_input_and_lists_the_evidence(capsys):
     out = _explain(capsys, "tests/test_trace.py:FreeMatrices", "--example-input", "2x4x8", "--params")
-    assert "roles by trace (forward pass on meta): 22 of 22 tensors" in out
+    assert "roles by trace (forward pass on meta): 24 of 24 tensors" in out
     assert _decayed_in_listing(out) == set(FreeMatrices.DECAYED)
     listing = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] == ["U"]}
     assert listing["U"].endswith("weight of `matmul` in 1 call")
