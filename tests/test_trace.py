@@ -686,3 +686,12 @@ def test_rows_of_a_stack_fed_to_a_layer_are_looked_up():
     trace = trace_roles(model, torch.tensor([0, 3]))
     assert trace.get(model.codes).evidence == "indexed by data in 1 call"
     assert trace.get(model.W).role == "linear"
+
+
+def test_a_model_built_on_meta_is_traced_without_storage():
+    with torch.device("meta"):
+        model = FreeMatrices()
+    plan = lwd.DecayPlan.from_module(model, presets.standard(0.1), example_inputs=torch.randn(2, 4, 8))
+    assert plan.trace.device == "meta" and plan.trace.fallback is None
+    assert decayed(plan) == set(FreeMatrices.DECAYED)
+    assert all(p.is_meta for p in model.parameters())
