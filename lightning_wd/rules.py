@@ -315,11 +315,11 @@ class DecayRule:
     Raises:
         ValueError: on an empty or malformed name, a negative, NaN or infinite ``weight_decay``,
             a non-positive ``lr_scale``, an empty or overlong pattern, ``min_ndim > max_ndim``,
-            a regex flag outside those listed, or an import path that is malformed or does not
-            resolve (when unpickling: malformed only).
+            a regex flag outside those listed, an import path that is malformed or does not
+            resolve (when unpickling: malformed only), or a ``roles`` entry that is not a role.
         TypeError: on a value of the wrong type (a pattern that is not a string, a set of patterns,
             a regex compiled from bytes, a predicate that is not callable, an import path naming
-            something other than a module class).
+            something other than a module class, ``roles`` that is neither a role nor a non-empty list).
         pickle.PicklingError: when pickling a rule whose ``modules`` holds a class no import path
             names (defined inside a function, or created dynamically).
 
