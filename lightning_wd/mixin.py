@@ -361,6 +361,7 @@ def _check_specs(specs: Any) -> list[tuple[str, OptimizerSpec]]:
         if not isinstance(name, str) or not name or "/" in name:
             raise TypeError(
                 f"`decay_optimizers` keys are the optimizers' names (non-empty strings without '/'), got {name!r}."
+                " Use a name such as 'generator'."
             )
         if not isinstance(spec, OptimizerSpec):
             raise TypeError(
@@ -562,7 +563,7 @@ def _regroup(module: Any, optimizer: Optimizer, scheduler: Any) -> None:
         )
     (original,) = groups
     own = original.get("weight_decay")
-    chosen = _optimizer_default_wd(partial(type(optimizer), weight_decay=own))[0] if own is not None else None
+    chosen = _optimizer_default_wd(partial(type(optimizer), weight_decay=own))[0] if own is not None else None  # type: ignore[call-arg]
     if chosen:
         rank_zero_warn(
             f"`--optimizer` was given weight_decay={chosen}, but every parameter group built by WDMixin sets its own"

@@ -429,7 +429,7 @@ def none() -> list[DecayRule]:
 _PRESETS = {"standard": standard, "gpt": gpt, "uniform": uniform, "none": none}
 
 
-class Preset(list):  # type: ignore[type-arg]
+class Preset(list):
     """A preset by name with its λ, and your own rules around it, as one value: one entry of a config file.
 
     It is the rule list itself (a ``list`` of ``DecayRule``), so it goes wherever rules go. Its use is
@@ -458,6 +458,7 @@ class Preset(list):  # type: ignore[type-arg]
         after: Rules placed after the preset's (they claim what it leaves out).
 
     Raises:
+        TypeError: if ``name`` is not a string.
         ValueError: on an unknown ``name``, a ``weight_decay`` for ``"none"`` or none for ``"uniform"``, an
             ``lr_scale`` for another preset than ``"standard"``, or rules that are not ``DecayRule``.
 
@@ -477,11 +478,18 @@ class Preset(list):  # type: ignore[type-arg]
         before: list[DecayRule] | None = None,
         after: list[DecayRule] | None = None,
     ) -> None:
-        factory = _PRESETS.get(name) if isinstance(name, str) else None
+        if not isinstance(name, str):
+            raise TypeError(f"`name` must be a string, got {type(name).__name__} {name!r}. Use for example 'standard'.")
+        factory = _PRESETS.get(name)
         if factory is None:
-            raise ValueError(f"`name` must be one of {sorted(_PRESETS)}, got {name!r}. Pick the preset by its name.")
+            raise ValueError(
+                f"`name` must be one of {sorted(_PRESETS)}, got {name!r}. Use one of them, for example 'standard'."
+            )
         if name == "none" and weight_decay is not None:
-            raise ValueError(f"Preset 'none' decays nothing, so it takes no `weight_decay` (got {weight_decay!r}).")
+            raise ValueError(
+                f"Preset 'none' decays nothing, so it takes no `weight_decay` (got {weight_decay!r}). Remove it, or"
+                " use name='uniform' to decay every parameter alike."
+            )
         if name == "uniform" and weight_decay is None:
             raise ValueError("Preset 'uniform' needs its λ: pass `weight_decay`, for example 0.01.")
         if lr_scale != 1.0 and name != "standard":

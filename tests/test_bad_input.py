@@ -317,6 +317,19 @@ for value, error, match in [
 ]:
     case("presets.standard", "lr_scale", presets.standard, dict(lr_scale=value), error, match)
 
+for argument, kwargs, error, match in [
+    ("name", dict(name="standart"), ValueError, r"`name` must be one of \['gpt', 'none', 'standard', 'uniform'\]"),
+    ("name", dict(name=3), TypeError, "must be a string, got int 3. Use for example 'standard'"),
+    ("weight_decay", dict(name="none", weight_decay=0.1), ValueError, "decays nothing, so it takes no `weight_decay`"),
+    ("weight_decay", dict(name="uniform"), ValueError, "needs its λ: pass `weight_decay`, for example 0.01"),
+    ("weight_decay", dict(weight_decay=-1.0), ValueError, "must be >= 0.*use 0.0 for no decay"),
+    ("lr_scale", dict(name="gpt", lr_scale=0.5), ValueError, "Add a DecayRule with lr_scale to `before` instead"),
+    ("lr_scale", dict(lr_scale=0.0), ValueError, "must be > 0.*Use 1.0"),
+    ("before", dict(before=["bias"]), ValueError, "`before` must be a list of lwd.DecayRule.*Build each"),
+    ("after", dict(after=R("a", 0.1)), ValueError, "`after` must be a list of lwd.DecayRule"),
+]:
+    case("presets.Preset", argument, presets.Preset, kwargs, error, match)
+
 # build_param_groups and DecayPlan.from_module share the plan options
 PLAN_OWNERS: dict[str, Callable[..., Any]] = {
     "build_param_groups": lwd.build_param_groups,
@@ -369,6 +382,11 @@ for owner, func in PLAN_OWNERS.items():
             (-1.0, ValueError, "got float -1.0. Pass the lr"),
         ]:
             case(owner, "lr", func, dict(module=Fresh(Net), lr=value), error, match)
+        for value, error, match in [
+            ("", TypeError, "`prefix` must be a non-empty string naming the optimizer"),
+            (3, TypeError, "got int 3"),
+        ]:
+            case(owner, "prefix", func, dict(module=Fresh(Net), prefix=value), error, match)
         case(
             owner,
             "lr_scale",
@@ -434,6 +452,25 @@ case(
     dict(model=Fresh(mixin, contiguous_parameters=1)),
     TypeError,
     r"`contiguous_parameters` must be True or False, got int 1\. Pass a bool",
+)
+Spec = lwd.OptimizerSpec
+for value, error, match in [
+    ({}, TypeError, "non-empty mapping from the optimizer's name to lwd.OptimizerSpec"),
+    ({"a": "net"}, TypeError, r"`decay_optimizers\['a'\]` must be an lwd.OptimizerSpec.*Write lwd.OptimizerSpec"),
+    ({"a/b": Spec("net")}, TypeError, "names \\(non-empty strings without '/'\\)"),
+    ({"a": Spec("nett")}, ValueError, r"names submodule 'nett', which WDNet does not have.*\['net'\]"),
+    ({"a": Spec("net.fc1")}, ValueError, r"leaves 4 trainable parameter\(s\) out of every optimizer.*give one entry"),
+    ({"a": Spec("net"), "b": Spec("net.fc1")}, ValueError, "belongs to both optimizer 'a' and 'b'.*Give each"),
+    ({"a": Spec(None), "b": Spec(None)}, TypeError, r"\['a', 'b'\] all have modules=None.*Give the others"),
+]:
+    case("WDMixin", "decay_optimizers", configure, dict(model=Fresh(mixin, decay_optimizers=value)), error, match)
+case(
+    "WDMixin",
+    "decay_optimizers",
+    fit,
+    dict(model=Fresh(mixin, decay_optimizers={"a": Spec("net", optimizer=lambda groups: [])})),
+    TypeError,
+    r"`decay_optimizers\['a'\].optimizer` returned list, not a torch.optim.Optimizer",
 )
 
 # WeightDecayCallback: arguments, then what needs the trainer (at fit start)
