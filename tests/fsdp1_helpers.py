@@ -157,6 +157,11 @@ def reference(options: dict[str, Any]) -> tuple[dict[str, Tensor], list[dict[str
             row[f"{group}/param_norm"] = _norm([params[n].detach() for n in names])
             row[f"{group}/grad_norm"] = _norm([params[n].grad for n in names])  # type: ignore[misc]
             row[f"{group}/update_norm"] = _norm([updates[n] for n in names])
+            b = [v for n in names for v in _values([before[n]])]
+            a = [v for n in names for v in _values([params[n].detach()])]
+            dot, bb, aa = sum(x * y for x, y in zip(b, a, strict=True)), sum(x * x for x in b), sum(y * y for y in a)
+            row[f"{group}/update_ratio"] = math.sqrt(sum((y - x) ** 2 for x, y in zip(b, a, strict=True)) / bb)
+            row[f"{group}/angular_update"] = math.atan2(math.sqrt(max(bb * aa - dot * dot, 0.0)), dot)
         history.append(row)
     return {n: p.detach().clone() for n, p in params.items()}, history
 
@@ -309,21 +314,26 @@ def _train(rank: int, sharding: str, mode: str) -> None:
             # them up over the replicas. Add them up here, as it does for the 2-process shards of "1x2".
             for p in fsdp.parameters():
                 torch.distributed.all_reduce(cast(Tensor, p.grad))
-        engine.track_updates = step % 2 == 1
+        engine.track_updates = step % 2 == 1  # the update norms on steps 1 and 3, the diagnostics on step 3
+        engine.track_diagnostics = step == 3
         with CountCollectives() as in_step:
             optimizer.step()
         with CountCollectives() as in_metrics:
-            metrics = engine.metrics(grad_norm=True)
+            metrics = engine.metrics(grad_norm=True, diagnostics=True)
         # the collectives: one all_reduce per group and measure, over the shard group only; none without shards
         relative = options["mode"] == "relative"
-        per_step = (int(relative) + 2 * int(engine.track_updates)) if sharded else 0
+        tracked = 2 * int(engine.track_updates) + 2 * 4 * int(engine.track_diagnostics)  # 4 norms per angle
+        per_step = (int(relative) + tracked) if sharded else 0
         assert in_step.calls == ({"all_reduce": per_step} if per_step else {}), (sharding, mode, step, in_step.calls)
         assert in_metrics.calls == ({"all_reduce": 4} if sharded else {}), (sharding, mode, in_metrics.calls)
         for key, value in history[step].items():
             if key.endswith("update_norm") and not engine.track_updates:
                 assert key not in metrics
                 continue
-            assert math.isclose(metrics[key], value, rel_tol=2e-5, abs_tol=1e-7), (sharding, mode, step, key)
+            if key.endswith(("update_ratio", "angular_update")) and not engine.track_diagnostics:
+                continue
+            rel = 1e-4 if key.endswith(("update_ratio", "angular_update")) else 2e-5  # (float32 angles)
+            assert math.isclose(metrics[key], value, rel_tol=rel, abs_tol=1e-7), (sharding, mode, step, key)
     with FullyShardedDataParallel.summon_full_params(fsdp):
         full = {_canonical(n): p.detach().clone() for n, p in fsdp.named_parameters()}
     for name, value in expected_params.items():
