@@ -6,6 +6,14 @@ tensors. Lists mixing devices or dtypes are correct but slower (and ``apply_deca
 tensor step needs one device): callers that run every step split them once with
 ``group_by_device_and_dtype`` and keep the pieces.
 
+Where a single-pass operator exists that foreach kernels lack, a few large tensors (at most 8, or
+32k elements each on average, such as a contiguous group's one buffer) are worked on one by one,
+and on CPU in blocks that stay in cache: the L1 soft threshold is ``softshrink`` written in place,
+the sum of absolute values (``mean_abs``) and the engine's cautious mask go block by block. The
+Python calls are then bounded by the tensors' size, not their number; the soft threshold and the
+mask give the bits of the foreach paths, and the sum differs from the foreach norm only in the
+order of its float32 additions.
+
 A step size may be a Python number or a 0-dim tensor (for example one that depends on
 a norm computed on the device, or on an AMP scaler's ``found_inf``): neither forces a
 host synchronisation. All in-place functions end in ``_`` and run under ``no_grad``.
