@@ -11,6 +11,7 @@ Timings depend on the machine (they are in BENCHMARKS.md); these counts do not:
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -248,3 +249,41 @@ def test_tensors_without_a_gradient_are_still_left_alone():
     for i, (p, b) in enumerate(zip(params, before, strict=True)):
         expected = b if i in (3, 17) else b * (1 - LR * WD)
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=0, msg=str(i))
+
+
+class _Shift(torch.optim.SGD):
+    """An optimizer whose update adds a fixed random shift, so that some coordinates move toward zero."""
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in self.param_groups[0]["params"]:
+                p.add_(torch.randn(p.shape, generator=gen), alpha=0.5)
+        return None
+
+
+@pytest.mark.parametrize(
+    ("count", "numel"),
+    [pytest.param(3, 2**18 + 5, id="few-large-in-blocks"), pytest.param(40, 100, id="many-small-foreach")],
+)
+@pytest.mark.parametrize("ord", [2, 1], ids=["L2", "L1"])
+@pytest.mark.parametrize("cautious", [False, True], ids=["plain", "cautious"])
+def test_fast_paths_decay_by_the_documented_formulas(count, numel, ord, cautious):
+    """Both paths of each kernel (tensor by tensor or in blocks, and foreach) against the documented formulas."""
+    params = _params(count, numel)
+    before = [p.detach().clone() for p in params]
+    step = LR * WD
+    optimizer = _Shift([{"params": params, "weight_decay": WD, PLANNED_KEY: True, "name": "decay"}], lr=LR)
+    lwd.WeightDecay(optimizer, ord=ord, cautious=cautious)
+    optimizer.step()
+    gen = torch.Generator().manual_seed(1)
+    for p, b in zip(params, before, strict=True):
+        after = b + 0.5 * torch.randn(b.shape, generator=gen)
+        # the documented formulas: p (1 - step), or sign(p) max(|p| - step, 0), where (p - b) b < 0 if cautious
+        decayed = after * (1 - step) if ord == 2 else torch.sign(after) * torch.clamp_min(after.abs() - step, 0.0)
+        expected = torch.where((after - b) * b < 0, decayed, after) if cautious else decayed
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+        x, old = float(after[-1]), float(b[-1])  # and the last coordinate (in the last block) by hand
+        if not cautious or (x - old) * old < 0:
+            x = x * (1 - step) if ord == 2 else math.copysign(max(abs(x) - step, 0.0), x)
+        assert float(p.detach()[-1]) == pytest.approx(x, rel=1e-6, abs=1e-7)
