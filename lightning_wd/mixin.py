@@ -221,7 +221,10 @@ class WDMixin:
                     " its own `optimizer` factory; `lr` is not used. Set each entry's lr in its factory."
                 )
                 base_lr = None
-            built = [_Built.make(self, name, spec, ps, prefixes, base_lr) for name, spec, ps, prefixes in parts]
+            built = []
+            for name, spec, ps, prefixes in parts:  # one traced forward pass serves every optimizer's plan
+                shared = built[0].plan.trace if built else None
+                built.append(_Built.make(self, name, spec, ps, prefixes, base_lr, shared))
             self.decay_plans = {b.name: b.plan for b in built}
             self.decay_plan = built[0].plan if len(built) == 1 else None
         if show:
@@ -454,6 +457,7 @@ class _Built:
         params: Sequence[torch.Tensor] | None,
         prefixes: list[str],
         base_lr: float | None,
+        trace: Any = None,
     ) -> _Built:
         where = f"decay_optimizers[{name!r}]." if name else ""
         factory = spec.optimizer or getattr(module, "optimizer", None) or _DEFAULT_OPTIMIZER
@@ -477,7 +481,7 @@ class _Built:
             plan = DecayPlan.from_module(
                 _planned(module),
                 None if rules is None else _check_rules(rules, "decay_rules"),
-                example_inputs=_example_inputs(module),
+                **({"trace": trace} if trace is not None else {"example_inputs": _example_inputs(module)}),
                 **options,
             )
         except PlanError as err:
@@ -646,7 +650,10 @@ def _split_by_rules(
         group["param_names"] = [names.get(id(p), f"added.{i}") for i, p in enumerate(params)]
     if "weight_decay" in param_group or not params:
         return [group]
-    trace = getattr(getattr(module, "decay_plan", None), "trace", None)  # the roles the first groups were planned by
+    first = getattr(module, "decay_plan", None) or next(
+        iter((getattr(module, "decay_plans", None) or {}).values()), None
+    )
+    trace = getattr(first, "trace", None)  # the roles the first groups were planned by
     plan = DecayPlan.from_module(_planned(module), rules, trace=trace, **{**options, "include_frozen": True})
     of = {id(p): g for g in plan.groups for p in g.params}
     label = str(param_group.get("name", f"pg{len(optimizer.param_groups) + 1}"))

@@ -1103,6 +1103,7 @@ def build_param_groups(
     lr: float | None = None,
     prefix: str | None = None,
     example_inputs: Any = None,
+    trace: RoleTrace | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Resolve ``rules`` over ``module`` and return torch-ready parameter groups.
@@ -1117,6 +1118,8 @@ def build_param_groups(
             (``wd/generator/decay/param_norm``), then say which optimizer they belong to.
         example_inputs: What the forward takes, to take each parameter's role from one traced forward
             pass (see ``DecayPlan.from_module``); None decides every role from structure.
+        trace: A trace made before (``lightning_wd.trace.trace_roles``), to reuse instead of
+            ``example_inputs``: several optimizers' groups from one forward pass.
         **options: Passed to ``DecayPlan.from_module`` (``include_frozen``, ``strict``,
             ``default_weight_decay``, ``default_group``, ``respect_no_weight_decay``, ``merge``).
 
@@ -1149,7 +1152,8 @@ def build_param_groups(
             f"`prefix` must be a non-empty string naming the optimizer (such as 'generator') or None, got"
             f" {type(prefix).__name__} {prefix!r}."
         )
-    groups = DecayPlan.from_module(module, rules, example_inputs=example_inputs, **options).param_groups(lr=lr)
+    plan = DecayPlan.from_module(module, rules, example_inputs=example_inputs, trace=trace, **options)
+    groups = plan.param_groups(lr=lr)
     if prefix is not None:
         for g in groups:
             g["name"] = f"{prefix}/{g['name']}"

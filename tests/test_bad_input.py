@@ -330,6 +330,14 @@ for argument, kwargs, error, match in [
 ]:
     case("presets.Preset", argument, presets.Preset, kwargs, error, match)
 
+# traced roles: the rule matcher, the plan's inputs, the mixin's switch
+for value, error, match in [
+    (3, TypeError, r"`roles` must be a role or a non-empty list of roles, got int 3\. Pass for example 'linear'"),
+    ([], TypeError, "non-empty list of roles.*Pass for example"),
+    ("weight", ValueError, "`roles` entry 'weight' is not a role; use any of the following"),
+]:
+    case("DecayRule", "roles", R, rule(roles=value), error, match)
+
 # build_param_groups and DecayPlan.from_module share the plan options
 PLAN_OWNERS: dict[str, Callable[..., Any]] = {
     "build_param_groups": lwd.build_param_groups,
@@ -373,6 +381,17 @@ for owner, func in PLAN_OWNERS.items():
         ("default_group", dict(default_group=3), TypeError, "string or None, got int 3. Use for example 'default'"),
         ("default_group", dict(default_group=""), ValueError, "use for example 'default'"),
         ("default_group", dict(default_group="no decay"), ValueError, "letters, digits.*use for example"),
+        ("example_inputs", dict(example_inputs=torch.zeros(2, 3)), PlanError, "forward pass of Net.*raised.*Pass"),
+        ("example_inputs", dict(example_inputs="x"), PlanError, "on `example_inputs` raised.*or drop them"),
+        ("trace", dict(trace={"fc1.weight": "linear"}), TypeError, r"`trace` must be a RoleTrace.*got dict.*Pass"),
+        (
+            "trace",
+            dict(
+                trace=Fresh(lambda: lwd.trace.trace_roles(Net(), torch.zeros(2, 6))), example_inputs=torch.zeros(2, 6)
+            ),
+            ValueError,
+            "were both given.*Pass one",
+        ),
     ]:
         case(owner, argument, func, {"module": Fresh(Net), **kwargs}, error, match)
     if owner == "build_param_groups":
@@ -453,6 +472,7 @@ case(
     TypeError,
     r"`contiguous_parameters` must be True or False, got int 1\. Pass a bool",
 )
+case("WDMixin", "trace_roles", configure, dict(model=Fresh(mixin, trace_roles="yes")), TypeError, "Pass a bool")
 Spec = lwd.OptimizerSpec
 for value, error, match in [
     ({}, TypeError, "non-empty mapping from the optimizer's name to lwd.OptimizerSpec"),
@@ -723,7 +743,7 @@ for name in ("mean_abs", "rms"):
         case(f"functional.{name}", "numel", getattr(F, name), dict(tensors=Fresh(floats, 2), numel=value), error, match)
 
 # presets: the role predicates
-for name in ("is_bias", "is_embedding", "is_linear_weight", "is_normalization"):
+for name in ("is_bias", "is_embedding", "is_linear_weight", "is_normalization", "role_of"):
     func = getattr(presets, name)
     ok = dict(name="fc.weight", param=Fresh(lambda: nn.Parameter(torch.ones(2, 2))), module=Fresh(nn.Linear, 2, 2))
     for argument, value, match in [

@@ -304,3 +304,41 @@ def test_lr_attribute_with_several_optimizers_warns_that_it_is_not_used() -> Non
         opt_g, opt_d = model.configure_optimizers()
     assert any("`lr` is not used" in str(w.message) for w in caught)
     assert [g["lr"] for g in opt_g.param_groups + opt_d.param_groups] == [LR_G, LR_G, LR_D, LR_D]
+
+
+class TracedPair(lwd.WDMixin, L.LightningModule):
+    """Free matrices used in ``forward``: only the trace of ``example_input_array`` says they are weights."""
+
+    show_decay_plan = False
+    forwards = 0
+    decay_optimizers = {
+        "encoder": lwd.OptimizerSpec("encoder", partial(torch.optim.SGD, lr=0.1), lwd.presets.standard(0.1)),
+        "rest": lwd.OptimizerSpec(None, partial(torch.optim.SGD, lr=0.1), lwd.presets.standard(0.2)),
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.encoder = nn.Module()
+        self.encoder.U = nn.Parameter(torch.randn(3, 4))
+        self.encoder.gain = nn.Parameter(torch.ones(4))
+        self.V = nn.Parameter(torch.randn(4, 2))
+        self.example_input_array = torch.zeros(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).forwards += 1
+        return (x @ self.encoder.U * self.encoder.gain) @ self.V
+
+
+def test_several_optimizers_share_one_traced_forward_pass() -> None:
+    TracedPair.forwards = 0
+    model = TracedPair()
+    opt_encoder, opt_rest = model.configure_optimizers()
+    assert TracedPair.forwards == 1
+    assert [(g["name"], g["weight_decay"], g["param_names"]) for g in opt_encoder.param_groups] == [
+        ("encoder/no_decay", 0.0, ["encoder.gain"]),
+        ("encoder/decay", 0.1, ["encoder.U"]),
+    ]
+    assert [(g["name"], g["weight_decay"], g["param_names"]) for g in opt_rest.param_groups] == [
+        ("rest/decay", 0.2, ["V"])
+    ]
