@@ -10,6 +10,7 @@ typing, so the core (engine, functional) can use this module too.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "STRIDED_SHARD_TYPES",
     "backward_skipped",
     "batches_that_stepped",
+    "fsdp1_is_flat_view",
+    "fsdp1_units",
     "inner_optimizer",
     "mark_wrapped_by_lr_scheduler",
     "should_update_logs",
@@ -100,3 +103,32 @@ def backward_skipped(trainer: Any) -> bool:
     optimizer still steps once, on the stale gradients of the last real step; False where it is missing.
     """
     return bool(getattr(getattr(trainer, "fit_loop", None), "_skip_backward", False))
+
+
+def fsdp1_is_flat_view(param: Any) -> bool:
+    """Whether ``param`` is an original parameter that FSDP1 (``use_orig_params=True``) flattened.
+
+    FSDP1 marks such a view ``_fsdp_flattened``; the ``FlatParameter`` itself is marked
+    ``_is_flat_param`` in recent torch and is its own class in older releases.
+    """
+    if getattr(param, "_fsdp_flattened", False) is not True:
+        return False
+    return getattr(param, "_is_flat_param", False) is not True and type(param).__name__ != "FlatParameter"
+
+
+def fsdp1_units(module: Any) -> Iterator[tuple[list[Any], list[Any], Any]]:
+    """``(original parameters, their shapes, shard group or None)`` of each FSDP1 unit inside ``module``.
+
+    Reads each module's ``_handle`` (a ``FlatParamHandle``), its ``flat_param``'s ``_params`` and
+    ``_shapes``, and the handle's ``process_group`` and ``uses_sharded_strategy`` (the group is None
+    for ``NO_SHARD``). Units with ``use_orig_params=False`` keep no original parameters: skipped.
+    """
+    for mod in module.modules():
+        handle: Any = getattr(mod, "_handle", None)
+        if type(handle).__name__ != "FlatParamHandle":
+            continue
+        flat = handle.flat_param
+        params = getattr(flat, "_params", None)
+        if params is None:
+            continue
+        yield list(params), list(flat._shapes), handle.process_group if handle.uses_sharded_strategy else None

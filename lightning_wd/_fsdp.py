@@ -17,8 +17,9 @@ outside every view. So:
   process) every rank holds the tensors whole and nothing is reduced. ``layouts`` describes
   this in the functional kernels' terms: a 1-D device mesh over the shard group.
 
-The private attributes of FSDP1 read here (``_handle``, ``flat_param``, ``_params``, ``_shapes``,
-``process_group``, ``uses_sharded_strategy``, ``_fsdp_flattened``) are all read in this module.
+The private attributes of FSDP1 it needs (``_handle``, ``flat_param``, ``_params``, ``_shapes``,
+``process_group``, ``uses_sharded_strategy``, ``_fsdp_flattened``) are read in ``_compat``, with the
+package's other private reads of torch and Lightning.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from lightning_wd._compat import fsdp1_is_flat_view, fsdp1_units
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -55,10 +58,7 @@ class ShardInfo(NamedTuple):
 
 def is_flat_view(param: Tensor) -> bool:
     """Whether ``param`` is an original parameter that FSDP1 flattened into a ``FlatParameter``."""
-    if getattr(param, "_fsdp_flattened", False) is not True:
-        return False
-    # (a FlatParameter itself is a Parameter marked `_is_flat_param` in recent torch, its own class in older ones)
-    return getattr(param, "_is_flat_param", False) is not True and type(param).__name__ != "FlatParameter"
+    return fsdp1_is_flat_view(param)
 
 
 def _in_use() -> bool:
@@ -75,16 +75,8 @@ def shard_infos(module: nn.Module) -> dict[int, ShardInfo]:
     out: dict[int, ShardInfo] = {}
     if not _in_use():
         return out
-    for mod in module.modules():
-        handle: Any = getattr(mod, "_handle", None)
-        if type(handle).__name__ != "FlatParamHandle":
-            continue
-        flat = handle.flat_param
-        params = getattr(flat, "_params", None)
-        if params is None:
-            continue
-        group = handle.process_group if handle.uses_sharded_strategy else None
-        for param, shape in zip(params, flat._shapes, strict=True):
+    for params, shapes, group in fsdp1_units(module):
+        for param, shape in zip(params, shapes, strict=True):
             out[id(param)] = ShardInfo(tuple(shape), group)
     return out
 

@@ -88,6 +88,7 @@ def test_dtensor_types_are_found() -> None:
 PRIVATE = re.compile(
     r"\b(?:trainer|fit_loop|epoch_loop|strategy|optimizer|opt|inner)\._(?!_)[a-z]\w*"
     r"|\b_wrapped_by_lr_sched\b|torch\.distributed\._tensor|_logger_connector|_batches_that_stepped|_skip_backward"
+    r"|[\"'.]_handle\b|\._shapes\b|[\"'.]_params\b|_fsdp_flattened|_is_flat_param"
 )
 
 
@@ -98,6 +99,7 @@ def test_no_other_module_reaches_a_private_attribute_of_torch_or_lightning() -> 
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
-            if PRIVATE.search(code) and not code.lstrip().startswith(("self._", "engine._")):
+            code = re.sub(r"``[^`]*``|\b(?:self|engine)\._\w+", "", code)  # docstrings' names; our own attributes
+            if PRIVATE.search(code):
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert not offenders, "reach these through lightning_wd._compat:\n" + "\n".join(offenders)
