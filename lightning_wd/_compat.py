@@ -5,6 +5,11 @@ newest tested; each function here says what it reaches and what it does where th
 release that renames one breaks one function, found by the tests of this module, not a code path
 deep inside a training run. Nothing here imports Lightning: the trainer objects are read by duck
 typing, so the core (engine, functional) can use this module too.
+
+One family of underscored torch names is called where it is used instead: the ``torch._foreach_*``
+kernels in ``functional``, the multi-tensor operators that ``torch.optim`` itself is built on. They are
+torch's kernel layer rather than an attribute of an object, have the same signatures in every supported
+release, and every decay test exercises them on both the oldest and the newest torch.
 """
 
 from __future__ import annotations
