@@ -288,6 +288,10 @@ def _is_structural_linear_weight(name: str, param: Tensor, module: nn.Module) ->
     if _is_weight_norm_magnitude(name, module):
         return False
     leaf = _leaf(name)
+    if isinstance(module, (nn.ParameterDict, nn.ParameterList)) and "." in name:
+        # A key or index says nothing of the role; the container's name does: peft keeps each
+        # adapter's tensor under the adapter's name (``q_proj.lora_A.default``, ``lokr_w1.default``).
+        leaf = _leaf(name.rpartition(".")[0])
     words = _words(leaf)
     if _holds_layer_weight(module):
         # weight, weight_ih_l0, weight_hh_l0_reverse, weight_hr_l0, in_proj_weight, q_proj_weight, ...

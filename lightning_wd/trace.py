@@ -392,8 +392,11 @@ class _Tracer(TorchFunctionMode):
                 if info is not None:
                     weight = slot[:2] in (("pos", position), ("kw", keyword))
                     use(info, "linear" if weight else "embedding" if info[1] else "other")
-        elif all(info is not None for info in infos):
-            self._parameter_math(name, operands, infos, out, use)
+        elif all(info is not None or _constant_factor(name, t) for (_, t), info in zip(operands, infos, strict=True)):
+            # A 0-dim tensor that no parameter gives is a constant, as a Python number would be: peft's
+            # LoHa scales the merged weight by torch.tensor(1) before it becomes the weight of a layer.
+            kept = [(o, info) for o, info in zip(operands, infos, strict=True) if info is not None]
+            self._parameter_math(name, [o for o, _ in kept], [info for _, info in kept], out, use)
         elif name in _EMBEDDING_OPS:
             # torch.nn.functional.embedding(input, weight), but torch.embedding(weight, input)
             table = ("pos", 1) if func in (F.embedding, F.embedding_bag) else ("pos", 0)
@@ -450,6 +453,11 @@ class _Tracer(TorchFunctionMode):
             return
         for _, tensor in _tensors(out, ()):
             self.derived[tensor] = (sources, stacked)
+
+
+def _constant_factor(name: str, tensor: Tensor) -> bool:
+    """Whether ``tensor`` in an elementwise op is a 0-dim constant (a scale), not data."""
+    return name in _ELEMENTWISE_OPS and tensor.dim() == 0
 
 
 @functools.lru_cache(maxsize=8)
@@ -541,18 +549,26 @@ _ABSENT = object()
 @contextlib.contextmanager
 def _attributes_kept(module: nn.Module) -> Iterator[None]:
     """Put back every submodule's plain attributes after the pass: a forward that caches a tensor in one
-    (a position table built on first use) would otherwise keep the meta tensor of the trace."""
-    saved = [(m, dict(m.__dict__)) for m in module.modules()]
+    (a position table built on first use) would otherwise keep the meta tensor of the trace. Parameters
+    and buffers are put back too: ``functional_call`` leaves the trace's tensors in a submodule that is
+    registered under two names (``nn.Sequential(lin, act, lin)``, peft's shared VB-LoRA vector bank)."""
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in module.modules()]
     try:
         yield
     finally:
-        for mod, attrs in saved:
+        for mod, attrs, params, buffers in saved:
             current = mod.__dict__
             for key in [k for k in current if k not in attrs]:
                 del current[key]
             for key, value in attrs.items():
                 if current.get(key, _ABSENT) is not value:
                     current[key] = value
+            for key, param in params.items():
+                if mod._parameters.get(key, _ABSENT) is not param:
+                    mod._parameters[key] = param
+            for key, buffer in buffers.items():
+                if mod._buffers.get(key, _ABSENT) is not buffer:
+                    mod._buffers[key] = buffer
 
 
 def _decide(uses: Counter[tuple[Role, str]]) -> TracedRole:

@@ -156,6 +156,12 @@ def test_tied_weight_is_an_embedding_whichever_side_registers_first():
         ("x.w_out", (8, 1), nn.Module(), False),
         ("x.rel_pos_w", (7, 16), nn.Module(), False),  # a single letter is an axis here, not "weight"
         ("x.w2", (8, 4), nn.Module(), True),
+        # In a ParameterDict or ParameterList the container's name says the role, not the key (peft).
+        ("q_proj.lora_A.default", (2, 8), nn.ParameterDict(), True),
+        ("q_proj.lokr_w1.default", (2, 2), nn.ParameterDict(), True),
+        ("q_proj.hra_u.default", (8, 4), nn.ParameterDict(), False),
+        ("x.pos_embeds.0", (5, 4), nn.ParameterList(), False),
+        ("x.proj.1", (4, 4), nn.ParameterList(), True),
     ],
 )
 def test_is_linear_weight_table(name, shape, owner, expected):

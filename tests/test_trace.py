@@ -340,6 +340,23 @@ def test_the_model_is_left_as_it_was(device):
     assert after[2:] == before[2:]
 
 
+@pytest.mark.parametrize("device", ["meta", "module"])
+def test_a_submodule_registered_twice_keeps_its_parameters_and_buffers(device):
+    # torch.func.functional_call leaves the swapped-in tensors in a module reachable under two names.
+    lin, norm = nn.Linear(4, 4), nn.BatchNorm1d(4)
+    model = nn.Sequential(lin, norm, nn.ReLU(), lin, norm)
+    kept = [lin.weight, lin.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var]
+    plan = lwd.DecayPlan.from_module(model, presets.standard(0.1), example_inputs=torch.randn(3, 4))
+    trace = trace_roles(model, torch.randn(3, 4), device=device)
+    now = [lin.weight, lin.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var]
+    assert all(a is b for a, b in zip(now, kept, strict=True))
+    assert not any(t.is_meta for t in model.state_dict().values())
+    # Found by identity afterwards: the layer is used twice, the batch norm twice.
+    assert trace.get(lin.weight).evidence == "weight of `linear` in 2 calls"
+    assert plan.entry("0.weight").traced.evidence == "weight of `linear` in 2 calls"
+    assert plan.entry("0.weight").group == "decay" and plan.entry("1.weight").group == "no_decay"
+
+
 class CachesOnFirstUse(nn.Module):
     """Builds a table on first use and keeps it in a plain attribute, as Lightning's demo Transformer does."""
 
@@ -686,6 +703,42 @@ def test_rows_of_a_stack_fed_to_a_layer_are_looked_up():
     trace = trace_roles(model, torch.tensor([0, 3]))
     assert trace.get(model.codes).evidence == "indexed by data in 1 call"
     assert trace.get(model.W).role == "linear"
+
+
+class ScaledMerge(nn.Module):
+    """peft's LoHa: a weight merged from four factors and scaled by a 0-dim tensor, then a layer's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1a, self.w1b = nn.Parameter(torch.randn(8, 2)), nn.Parameter(torch.randn(2, 8))
+        self.w2a, self.w2b = nn.Parameter(torch.randn(8, 2)), nn.Parameter(torch.randn(2, 8))
+        self.gain = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        delta = (self.w1a @ self.w1b) * (self.w2a @ self.w2b) * torch.tensor(0.5)
+        return F.linear(x, delta) * (self.gain * torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("device", ["meta", "module"])
+def test_a_zero_dim_constant_keeps_a_merged_weight_a_weight(device):
+    model = ScaledMerge()
+    trace = trace_roles(model, torch.randn(2, 8), device=device)
+    for name in ("w1a", "w1b", "w2a", "w2b"):
+        assert trace.get(getattr(model, name)).evidence == "weight of `linear` in 1 call", name
+    # The scaled gain is still used against data: a multiplier, not a weight.
+    assert trace.get(model.gain).evidence == "operand of `mul` in 1 call"
+    # An input of one element (not 0-dim) is data, not a constant: the gain is used against it.
+    gate = _Gate()
+    assert trace_roles(gate, torch.randn(1), device=device).get(gate.g).evidence == "operand of `mul` in 1 call"
+
+
+class _Gate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.g * x
 
 
 def test_a_model_built_on_meta_is_traced_without_storage():
