@@ -8,8 +8,8 @@ same group, and lists every disagreement (tensor, owner class, the static decisi
 evidence) for review. Models that cannot be built or run from a small config are counted, with
 their error.
 
-Needs the ``sweep`` extra (``pip install -e .[sweep]``: transformers, diffusers, x-transformers);
-libraries that are not installed are skipped::
+Needs the ``sweep`` extra (``pip install -e .[sweep]``: transformers, diffusers, x-transformers,
+peft, torch_geometric, vector-quantize-pytorch); libraries that are not installed are skipped::
 
     python benchmarks/trace_sweep.py                          # the default architectures
     python benchmarks/trace_sweep.py --library transformers   # one library
@@ -231,6 +231,135 @@ def _x_transformers_builders() -> dict[str, Builder]:
     }
 
 
+# ------------------------------------------------------------------------------ peft
+def _peft_builders() -> dict[str, Builder]:
+    """Adapters of peft on a one-layer Llama: the base model is frozen, so only the adapters are planned."""
+
+    def adapter(make_config: Callable[[Any], Any]) -> Builder:
+        def build() -> tuple[nn.Module, Any]:
+            import peft
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            base = LlamaForCausalLM(
+                LlamaConfig(
+                    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=2, head_dim=16, vocab_size=97, max_position_embeddings=64,
+                )
+            )  # fmt: skip
+            model = peft.get_peft_model(base, make_config(peft)).eval()
+            return model, {"input_ids": torch.randint(0, 97, (1, 8))}
+
+        return build
+
+    qv = ["q_proj", "v_proj"]
+    norms = ["input_layernorm", "post_attention_layernorm", "norm"]
+    return {
+        "LoRA": adapter(lambda p: p.LoraConfig(r=4, target_modules=qv)),
+        "LoRA + modules_to_save": adapter(lambda p: p.LoraConfig(r=4, target_modules=qv, modules_to_save=["lm_head"])),
+        "DoRA": adapter(lambda p: p.LoraConfig(r=4, target_modules=qv, use_dora=True)),
+        "AdaLoRA": adapter(lambda p: p.AdaLoraConfig(r=4, target_modules=qv, total_step=10)),
+        "LoHa": adapter(lambda p: p.LoHaConfig(r=4, target_modules=qv)),
+        "LoKr": adapter(lambda p: p.LoKrConfig(r=4, target_modules=qv)),
+        "IA3": adapter(
+            lambda p: p.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+        ),
+        "VeRA": adapter(lambda p: p.VeraConfig(r=4, target_modules=qv)),
+        "OFT": adapter(lambda p: p.OFTConfig(r=0, oft_block_size=4, target_modules=qv)),
+        "BOFT": adapter(lambda p: p.BOFTConfig(boft_block_size=4, target_modules=qv)),
+        "HRA": adapter(lambda p: p.HRAConfig(r=4, target_modules=qv)),
+        "FourierFT": adapter(lambda p: p.FourierFTConfig(n_frequency=16, target_modules=qv)),
+        "VB-LoRA": adapter(lambda p: p.VBLoRAConfig(r=4, num_vectors=8, vector_length=16, target_modules=qv)),
+        "LN tuning": adapter(lambda p: p.LNTuningConfig(target_modules=norms)),
+        "prefix tuning, projected": adapter(
+            lambda p: p.PrefixTuningConfig(
+                task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16
+            )
+        ),
+        "prompt tuning": adapter(lambda p: p.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
+        "P-tuning, LSTM": adapter(
+            lambda p: p.PromptEncoderConfig(
+                task_type="CAUSAL_LM",
+                num_virtual_tokens=4,
+                encoder_hidden_size=16,
+                encoder_reparameterization_type="LSTM",
+            )
+        ),
+        "adaption prompt": adapter(
+            lambda p: p.AdaptionPromptConfig(adapter_len=4, adapter_layers=1, task_type="CAUSAL_LM")
+        ),
+        "trainable tokens": adapter(lambda p: p.TrainableTokensConfig(token_indices=[1, 2, 3])),
+    }
+
+
+# ------------------------------------------------------------------------------ torch_geometric
+def _geometric_builders() -> dict[str, Builder]:
+    """Graph layers and models of PyG on a six-node graph (no compiled extensions needed)."""
+
+    def graph(make: Callable[[Any], nn.Module], edge_features: bool = False) -> Builder:
+        def build() -> tuple[nn.Module, Any]:
+            from torch_geometric import nn as gnn
+
+            edges = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 2], [1, 2, 3, 4, 5, 0, 3, 5]])
+            inputs = (torch.randn(6, 8), edges) + ((torch.randn(8, 3),) if edge_features else ())
+            return make(gnn).eval(), inputs
+
+        return build
+
+    def mlp() -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+    return {
+        "GCNConv": graph(lambda g: g.GCNConv(8, 8)),
+        "GATConv": graph(lambda g: g.GATConv(8, 4, heads=2)),
+        "GATv2Conv, edge features": graph(lambda g: g.GATv2Conv(8, 4, heads=2, edge_dim=3), edge_features=True),
+        "SAGEConv": graph(lambda g: g.SAGEConv(8, 8)),
+        "GINConv": graph(lambda g: g.GINConv(mlp(), train_eps=True)),
+        "GINEConv": graph(lambda g: g.GINEConv(nn.Linear(8, 8), train_eps=True, edge_dim=3), edge_features=True),
+        "TransformerConv": graph(lambda g: g.TransformerConv(8, 4, heads=2, edge_dim=3), edge_features=True),
+        "GraphConv": graph(lambda g: g.GraphConv(8, 8)),
+        "ChebConv": graph(lambda g: g.ChebConv(8, 8, K=2)),
+        "GENConv": graph(lambda g: g.GENConv(8, 8, learn_t=True, learn_p=True)),
+        "PNAConv": graph(
+            lambda g: g.PNAConv(8, 8, aggregators=["mean", "max"], scalers=["identity"], deg=torch.tensor([0, 3, 2, 1]))
+        ),
+        "GPSConv": graph(lambda g: g.GPSConv(8, g.GINConv(nn.Linear(8, 8)), heads=2)),
+        "GCN, batch norm": graph(lambda g: g.models.GCN(8, 16, 2, out_channels=4, norm="batch_norm")),
+        "GAT": graph(lambda g: g.models.GAT(8, 16, 2, out_channels=4, heads=2)),
+        "GraphSAGE, layer norm": graph(lambda g: g.models.GraphSAGE(8, 16, 2, out_channels=4, norm="layer_norm")),
+        "GIN": graph(lambda g: g.models.GIN(8, 16, 2, out_channels=4)),
+        "EdgeCNN": graph(lambda g: g.models.EdgeCNN(8, 16, 2, out_channels=4)),
+    }
+
+
+# ------------------------------------------------------------------------------ vector-quantize-pytorch
+def _vector_quantize_builders() -> dict[str, Builder]:
+    """Quantizers of vector-quantize-pytorch (lucidrains); EMA codebooks are buffers, so the codebooks are learned."""
+
+    def quantizer(make: Callable[[Any], nn.Module]) -> Builder:
+        def build() -> tuple[nn.Module, Any]:
+            import vector_quantize_pytorch as vq
+
+            return make(vq).eval(), torch.randn(1, 16, 8)
+
+        return build
+
+    learned = dict(codebook_size=16, learnable_codebook=True, ema_update=False)
+    return {
+        "VectorQuantize": quantizer(lambda v: v.VectorQuantize(dim=8, **learned)),
+        "VectorQuantize, heads": quantizer(
+            lambda v: v.VectorQuantize(dim=8, codebook_dim=4, heads=2, separate_codebook_per_head=True, **learned)
+        ),
+        "ResidualVQ": quantizer(lambda v: v.ResidualVQ(dim=8, num_quantizers=2, **learned)),
+        "GroupedResidualVQ": quantizer(lambda v: v.GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, **learned)),
+        "SimVQ": quantizer(lambda v: v.SimVQ(dim=8, codebook_size=16)),
+        "ResidualSimVQ": quantizer(lambda v: v.ResidualSimVQ(dim=8, num_quantizers=2, codebook_size=16)),
+        "FSQ": quantizer(lambda v: v.FSQ(levels=[8, 5, 5], dim=8)),
+        "ResidualFSQ": quantizer(lambda v: v.ResidualFSQ(levels=[8, 5, 5], dim=8, num_quantizers=2)),
+        "LFQ": quantizer(lambda v: v.LFQ(dim=8, codebook_size=16)),
+        "ResidualLFQ": quantizer(lambda v: v.ResidualLFQ(dim=8, codebook_size=16, num_quantizers=2)),
+    }
+
+
 # ------------------------------------------------------------------------------ torch.nn and Lightning
 def _torch_builders() -> dict[str, Builder]:
     def transformer() -> tuple[nn.Module, Any]:
@@ -327,6 +456,9 @@ LIBRARIES: dict[str, tuple[str, Callable[[], dict[str, Builder]]]] = {
     "transformers": ("transformers", lambda: {t: _transformers_builder(t) for t in TRANSFORMERS_TYPES}),
     "diffusers": ("diffusers", _diffusers_builders),
     "x-transformers": ("x_transformers", _x_transformers_builders),
+    "peft": ("peft", _peft_builders),
+    "torch_geometric": ("torch_geometric", _geometric_builders),
+    "vector-quantize-pytorch": ("vector_quantize_pytorch", _vector_quantize_builders),
     "torch.nn / lightning": ("torch", _torch_builders),
     "user code": ("torch", _user_builders),
 }
