@@ -248,8 +248,9 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
     free-standing matrices whose role is a projection: stacked mixture-of-experts weights
     (three or more dimensions with a leading expert axis) and matrices named as
     projections, routers, gates, heads or layers (``fc``, ``dense``, ``qkv``, ``mat``, ``matrix``,
-    ``lora_A``). Matrices with other names (``U``, ``A``, ``mix``) need a trace. A parametrized
-    weight counts as the weight it parametrizes (``x.weight``, or the direction
+    ``lora_A``). A tensor in a ``ParameterDict`` or ``ParameterList`` is named by its container
+    (peft's ``lora_A.default`` is ``lora_A``). Matrices with other names (``U``, ``A``, ``mix``) need a
+    trace. A parametrized weight counts as the weight it parametrizes (``x.weight``, or the direction
     ``x.weight.original1`` of ``weight_norm``, whose magnitude ``original0`` is a scale). Biases,
     normalization and embedding parameters, tensors with fewer than two dimensions, and
     free-standing tokens, position tables and scales are never linear weights. When the plan
