@@ -350,6 +350,9 @@ def _vector_quantize_builders() -> dict[str, Builder]:
             lambda v: v.VectorQuantize(dim=8, codebook_dim=4, heads=2, separate_codebook_per_head=True, **learned)
         ),
         "ResidualVQ": quantizer(lambda v: v.ResidualVQ(dim=8, num_quantizers=2, **learned)),
+        "ResidualVQ, shared codebook": quantizer(
+            lambda v: v.ResidualVQ(dim=8, num_quantizers=2, shared_codebook=True, **learned)
+        ),
         "GroupedResidualVQ": quantizer(lambda v: v.GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, **learned)),
         "SimVQ": quantizer(lambda v: v.SimVQ(dim=8, codebook_size=16)),
         "ResidualSimVQ": quantizer(lambda v: v.ResidualSimVQ(dim=8, num_quantizers=2, codebook_size=16)),
