@@ -203,7 +203,7 @@ BLOCKS = python_blocks()
 
 @pytest.fixture(scope="module")
 def block_results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
-    """The results of the blocks this session selected, all run at once, two at a time."""
+    """The results of the blocks this pytest run selected, all run at once, two at a time."""
     selected = {
         item.callspec.params["block"].id
         for item in request.session.items
