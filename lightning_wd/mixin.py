@@ -31,8 +31,19 @@ LR_SCALE_KEY = "lwd_lr_scale"
 _DEFAULT_OPTIMIZER: Callable[..., Optimizer] = partial(torch.optim.AdamW, lr=1e-3)
 
 
-def _optimizer_default_wd(factory: Callable[..., Optimizer]) -> tuple[float | None, str]:
-    """The weight_decay a factory would use when a group has none, if it is knowable without building."""
+def _warn_chosen_wd(factory: Callable[..., Optimizer], argument: str) -> None:
+    """Warn that a ``weight_decay`` the user gave ``factory`` is ignored (each group has the rules' λ)."""
+    chosen = _chosen_wd(factory)
+    if chosen:
+        rank_zero_warn(
+            f"`{argument}` was given weight_decay={chosen}, but every parameter group built by WDMixin sets its own"
+            " weight_decay from the decay rules, so that value is ignored. Remove it from the optimizer and set the"
+            " decay in the rules."
+        )
+
+
+def _chosen_wd(factory: Callable[..., Optimizer]) -> float | None:
+    """The weight_decay bound in a factory, if the user chose it (not the optimizer's own default)."""
     func = factory
     keywords: dict[str, Any] = {}
     candidates: list[Any] = []
@@ -41,7 +52,7 @@ def _optimizer_default_wd(factory: Callable[..., Optimizer]) -> tuple[float | No
         candidates.extend(func.args)  # jsonargparse's partial holds the class as a positional argument
         func = func.func
     if "weight_decay" not in keywords:
-        return None, ""
+        return None
     # LightningCLI fills in the optimizer's own defaults: only a value the user chose is worth a warning
     default = inspect.Parameter.empty
     for candidate in (func, *candidates):
@@ -51,8 +62,8 @@ def _optimizer_default_wd(factory: Callable[..., Optimizer]) -> tuple[float | No
         except (TypeError, ValueError, KeyError):
             continue
     if keywords["weight_decay"] == default:
-        return None, ""
-    return float(keywords["weight_decay"]), "given to the optimizer"
+        return None
+    return float(keywords["weight_decay"])
 
 
 class WDMixin:
@@ -466,13 +477,7 @@ class _Built:
                 f"`{where}optimizer` must be a callable that takes parameter groups (for example"
                 f" functools.partial(torch.optim.AdamW, lr=3e-4)), got {type(factory).__name__} {factory!r}."
             )
-        given_wd, _ = _optimizer_default_wd(factory)
-        if given_wd:
-            rank_zero_warn(
-                f"`{where}optimizer` was given weight_decay={given_wd}, but every parameter group built by WDMixin"
-                " sets its own weight_decay from the decay rules, so that value is ignored. Remove it from the"
-                " optimizer and set the decay in the rules."
-            )
+        _warn_chosen_wd(factory, f"{where}optimizer")
         rules = spec.rules if spec.rules is not None else _resolved(module, "decay_rules")
         options = spec.plan_options if spec.plan_options is not None else _resolved(module, "decay_plan_options")
         options = options or {}
@@ -567,12 +572,8 @@ def _regroup(module: Any, optimizer: Optimizer, scheduler: Any) -> None:
         )
     (original,) = groups
     own = original.get("weight_decay")
-    chosen = _optimizer_default_wd(partial(type(optimizer), weight_decay=own))[0] if own is not None else None  # type: ignore[call-arg]
-    if chosen:
-        rank_zero_warn(
-            f"`--optimizer` was given weight_decay={chosen}, but every parameter group built by WDMixin sets its own"
-            " weight_decay from `decay_rules`, so that value is ignored. Remove it and set the decay in the rules."
-        )
+    if own is not None:
+        _warn_chosen_wd(partial(type(optimizer), weight_decay=own), "--optimizer")  # type: ignore[call-arg]
     rules = _resolved(module, "decay_rules")
     options = _resolved(module, "decay_plan_options") or {}
     plan = DecayPlan.from_module(module, None if rules is None else _check_rules(rules, "decay_rules"), **options)

@@ -12,7 +12,6 @@ then the decay written from DESIGN.md after each step. It never calls ``lightnin
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 
 import lightning_wd as lwd
 from tests.callback_helpers import loader
+from tests.fsdp1_helpers import Body, _mean_abs, _norm
 
 LR = 0.05
 WD = 0.3
@@ -36,20 +36,6 @@ CALLBACKS: dict[str, dict[str, Any]] = {
     "decoupled": dict(mode="decoupled"),
     "relative": dict(mode="relative", source="update", log_grad_norm=True, log_update_norm=True),
 }
-
-
-class Body(nn.Module):
-    """Linear(6, 7) -> LayerNorm(7) -> Linear(7, 1) -> Linear(1, 2, bias=False)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(6, 7)
-        self.norm = nn.LayerNorm(7)
-        self.fc2 = nn.Linear(7, 1)
-        self.proj = nn.Linear(1, 2, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(torch.tanh(self.fc2(torch.tanh(self.norm(self.fc1(x))))))
 
 
 class ShardedNet(lwd.WDMixin, L.LightningModule):
@@ -94,15 +80,6 @@ def full_parameters(module: nn.Module) -> dict[str, Tensor]:
     return {
         n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in module.named_parameters()
     }
-
-
-def _mean_abs(tensors: Sequence[Tensor]) -> float:
-    values = [abs(x) for t in tensors for x in t.double().flatten().tolist()]
-    return sum(values) / len(values)
-
-
-def _norm(tensors: Sequence[Tensor]) -> float:
-    return math.sqrt(sum(x * x for t in tensors for x in t.double().flatten().tolist()))
 
 
 def reference_fit(mode: str, seed: int = 0) -> dict[str, Any]:

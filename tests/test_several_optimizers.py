@@ -11,6 +11,7 @@ import csv
 import warnings
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_wd as lwd
+from tests.callback_helpers import trainer
 
 WD_G, WD_D = 0.2, 0.05
 LR_G, LR_D = 0.05, 0.02
@@ -100,21 +102,12 @@ def reference(epochs: int = 1) -> dict[str, torch.Tensor]:
     }
 
 
-def fit(model: L.LightningModule, root: Path, **kw: object) -> L.Trainer:
-    options: dict = dict(
-        max_epochs=1,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        default_root_dir=root,
-        callbacks=[lwd.WeightDecayCallback()],
-    )
-    options.update(kw)
-    trainer = L.Trainer(**options)
-    trainer.fit(model, data())
-    return trainer
+def fit(model: L.LightningModule, root: Path, ckpt_path: Path | None = None, **kw: Any) -> L.Trainer:
+    """A quiet CPU fit with the callback (``callbacks=`` replaces it), over ``data()``."""
+    callbacks = kw.pop("callbacks", [lwd.WeightDecayCallback()])
+    t = trainer(root, callbacks, **kw)
+    t.fit(model, data(), ckpt_path=ckpt_path)
+    return t
 
 
 def test_each_optimizer_gets_its_own_named_groups_with_its_rules() -> None:
@@ -153,16 +146,7 @@ def test_a_resumed_gan_ends_where_the_uninterrupted_run_does(tmp_path: Path) -> 
     ckpt = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(ckpt)
     resumed = GAN()
-    L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        default_root_dir=tmp_path,
-        callbacks=[lwd.WeightDecayCallback()],
-    ).fit(resumed, data(), ckpt_path=ckpt)
+    fit(resumed, tmp_path, ckpt_path=ckpt, max_epochs=2)
     expected = reference(epochs=2)
     for name, value in resumed.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)

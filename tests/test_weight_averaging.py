@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_wd as lwd
+from tests.callback_helpers import trainer
 
 LR, WD = 0.05, 0.4
 
@@ -88,18 +89,9 @@ def expected_after(step: dict[str, Any], decayed: bool) -> dict[str, torch.Tenso
 
 
 def fit(model: L.LightningModule, root: Path, callbacks: list[Callback], epochs: int) -> L.Trainer:
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        default_root_dir=root,
-        callbacks=callbacks,
-    )
-    trainer.fit(model, data())
-    return trainer
+    t = trainer(root, callbacks, max_epochs=epochs)
+    t.fit(model, data())
+    return t
 
 
 def test_swa_batch_norm_update_epoch_is_not_decayed_and_real_steps_are_decayed_once(tmp_path: Path) -> None:
