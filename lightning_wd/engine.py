@@ -948,8 +948,8 @@ class WeightDecay:
         self._refresh()
         groups = self.optimizer.param_groups
         saved = self._saved = [g.get("weight_decay") for g in groups]
-        snap = self.options.needs_snapshot(self.track_updates or self.track_diagnostics)
-        if snap:
+        # a paused step is not decayed: it needs no copy of the parameters from before the update
+        if not self.paused and self.options.needs_snapshot(self.track_updates or self.track_diagnostics):
             args, kwargs = self._snapshot_around_closure(args, kwargs)
         for g in groups:
             if "weight_decay" in g:
