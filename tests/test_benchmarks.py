@@ -55,8 +55,8 @@ def _bytes(text: str) -> float:
     return float(value) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
 
 
-#: On CPU, a few large tensors are measured (`relative`) and masked (`cautious`) block by block, with one
-#: scratch block of 2**18 float32.
+#: On CPU, a few large tensors are measured (`relative`) and masked (`cautious`) block by block, with
+#: scratch blocks of 2**17 float32: one for the measure, two for the mask (1 MiB).
 _SCRATCH = 2**20 + 2**14
 
 
