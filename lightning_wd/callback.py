@@ -416,6 +416,7 @@ class WeightDecayCallback(Callback):
         for engine in self.engines:
             engine.track_updates = track
             engine.track_diagnostics = diagnose
+            engine.norms_in_step = logging and (self.log_norms or self.log_diagnostics)
             engine.paused = paused
         self._steps_at_batch_start = [e.steps for e in self.engines]
 

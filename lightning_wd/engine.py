@@ -265,6 +265,9 @@ class _Bucket:
     #: Diagnostics of the last tracked step: ``‖Δp‖/‖p‖`` and the angle between p before and after it.
     update_ratio: Tensor | None = None
     angular_update: Tensor | None = None
+    #: The parameter norm measured in the last step's decay pass (``norms_in_step``), with the
+    #: tensors' addresses and version counters just after it: valid while those are unchanged.
+    norm_in_step: tuple[Tensor, list[tuple[int, int]]] | None = None
 
     @property
     def weight_decay(self) -> float:
@@ -321,6 +324,11 @@ def _with_grad(chunk: list[Tensor], *others: list[Any]) -> tuple[list[Any], ...]
         return (chunk, *others)
     keep = [i for i, g in enumerate(grads) if g is not None]
     return tuple([lst[i] for i in keep] for lst in (chunk, *others))
+
+
+def _versions(tensors: list[Tensor]) -> list[tuple[int, int]]:
+    """Each tensor's address and version counter: any in-place change or replaced ``.data`` changes them."""
+    return [(t.data_ptr(), t._version) for t in tensors]
 
 
 def _joined(lists: list[list[Any]]) -> list[Any]:
@@ -567,6 +575,10 @@ class WeightDecay:
         #: decayed or counted: for steps that are not training steps (the batch-norm update pass of
         #: stochastic weight averaging steps the optimizer on stale gradients, with no backward).
         self.paused = False
+        #: While True, steps measure each group's parameter norm in the decay's own pass where they can
+        #: (a few large CPU tensors, multiplicative decay), and the next ``metrics()`` uses it if the
+        #: parameters have not changed since: set it only before steps you log (the callback does).
+        self.norms_in_step = False
         self._rule_plan: dict[int, tuple[str, float]] | None = None
         self._buckets: list[_Bucket] = []
         self._signature: tuple[Any, ...] = ()
@@ -1023,6 +1035,17 @@ class WeightDecay:
             parts = self._parts(bucket, befores, wd > 0 and not toward)  # (toward: per tensor, beside its p0)
             step: Tensor | float | None = None
             bucket.update_norm = bucket.update_ratio = bucket.angular_update = None
+            bucket.norm_in_step = None
+            fuse = (
+                self.norms_in_step
+                and self.options.ord == 2
+                and not self.options.cautious
+                and not toward
+                and bucket.views is None
+                and not bucket.sharded
+                and sum(len(part.params) for part in parts) == len(bucket.params)  # every tensor has a gradient
+            )
+            square_sums: list[Tensor] = []
             if bucket.views is not None and self.track_updates and befores is not None:  # FSDP1: every rank reduces
                 deltas = [d for part in parts for d in torch._foreach_sub(part.tensors, part.before)]
                 bucket.update_norm = _views_norm(bucket, deltas, [lo for part in parts for lo in part.layouts])
@@ -1058,10 +1081,19 @@ class WeightDecay:
                             part.before.clear()  # last use of this chunk's copy: free it before the decay allocates
                         if ref is None:
                             dtypes = {part.tensors[0].dtype}
+                            if fuse:
+                                square_sum = F._decay_and_square_sum_(part.tensors, step, dtypes)
+                                if square_sum is not None:
+                                    square_sums.append(square_sum)
+                                    continue
+                                fuse = False
                             F._apply_decay_(part.tensors, step, self.options.ord, mask, dtypes, part.numel)
                         else:
                             F._apply_decay_toward_(part.tensors, ref, step, self.options.ord, mask)
                 bucket.checked_precision = True
+                if fuse and square_sums and len(square_sums) == len(parts):
+                    norm = torch.stack([t.to(square_sums[0].device) for t in square_sums]).sum().sqrt()
+                    bucket.norm_in_step = (norm, _versions(bucket.whole()))
             if bucket.views is not None and self.track_diagnostics and befores is not None:  # FSDP1: every rank
                 bucket.update_ratio, bucket.angular_update = _views_angle(bucket, parts)
             elif parts and self.track_diagnostics and parts[0].before:
@@ -1240,9 +1272,13 @@ class WeightDecay:
         for b in self._buckets:
             name = b.name
             if param_norm:
-                out[f"{name}/param_norm"] = (
-                    F.global_norm(b.whole()) if b.views is None else _views_norm(b, *_with_layouts(b, grads=False))
-                )
+                measured = b.norm_in_step
+                if measured is not None and b.views is None and measured[1] == _versions(b.whole()):
+                    out[f"{name}/param_norm"] = measured[0]  # taken in the decay's pass, and nothing changed since
+                else:
+                    out[f"{name}/param_norm"] = (
+                        F.global_norm(b.whole()) if b.views is None else _views_norm(b, *_with_layouts(b, grads=False))
+                    )
             if grad_norm:
                 grads = [p.grad for p in b.params if p.grad is not None]
                 if b.views is not None:  # FSDP1: every rank takes part, also with no gradient of its own

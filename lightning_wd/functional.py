@@ -617,6 +617,26 @@ def _cautious_decay_(tensors: list[Tensor], before: list[Tensor], step: Step, or
     torch._foreach_addcmul_(tensors, clipped, before)
 
 
+def _decay_and_square_sum_(tensors: list[Tensor], step: Step, dtypes: set[torch.dtype] | None) -> Tensor | None:
+    """``p <- p (1 - step)`` (``_apply_decay_`` with ``ord=2`` and no mask, the same bits) and ``sum p²`` after it.
+
+    For a few large float32/float64 CPU tensors the square sum is taken block by block right after
+    each block is decayed, while it is in cache: one pass over memory for both. Returns the sum
+    (float32, 0-dim), or None, having changed nothing, for other tensors.
+
+    Call under no_grad with lists of one device and dtype, checked by the caller.
+    """
+    if not tensors or not _in_blocks(tensors, []):
+        return None
+    factor = 1 - _on(step, tensors[0].device) if isinstance(step, Tensor) else _factor(1.0 - step, tensors, dtypes)
+    sums = []
+    for t in tensors:
+        for block in t.view(-1).split(_BLOCK):
+            block.mul_(factor)
+            sums.append(torch.dot(block, block))
+    return torch.stack(sums).sum().float()
+
+
 def _in_blocks(tensors: list[Tensor], others: list[Tensor]) -> bool:
     """Whether ``tensors`` (and ``others``, one per tensor) are a few contiguous float32/float64 CPU tensors."""
     dtype = tensors[0].dtype

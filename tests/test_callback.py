@@ -285,12 +285,22 @@ def test_norms_are_computed_only_on_logged_steps(tmp_path, monkeypatch):
         calls.append(len(tensors))
         return original(tensors, ord)
 
+    in_step = []
+    decay_and_measure = lwd.functional._decay_and_square_sum_
+
+    def counting_in_step(tensors, step, dtypes):
+        in_step.append(len(tensors))
+        return decay_and_measure(tensors, step, dtypes)
+
     monkeypatch.setattr(lwd.functional, "global_norm", counting)
+    monkeypatch.setattr(lwd.functional, "_decay_and_square_sum_", counting_in_step)
     logger = CSVLogger(tmp_path, name="csv")
     t = trainer(tmp_path, [lwd.WeightDecayCallback()], logger=logger, log_every_n_steps=3, max_steps=7, max_epochs=None)
     t.fit(WDNet(), loader())
-    # logged steps: batches_that_stepped + 1 in {3, 6} -> 2 logged steps x 2 groups
-    assert len(calls) == 4
+    # logged steps: batches_that_stepped + 1 in {3, 6} -> 2 logged steps x 2 groups; the decayed group's
+    # norm is taken in its decay pass on those steps only, the other group's (not decayed) after the step
+    assert len(calls) == 2
+    assert len(in_step) == 2
 
 
 def test_no_norms_without_a_logger(tmp_path, monkeypatch):

@@ -164,6 +164,66 @@ def test_a_logged_step_reads_the_parameters_once_more():
     assert passes == pytest.approx(3.0)
 
 
+class _Calls(TorchDispatchMode):
+    """The aten calls made under it, each with the address of its first tensor argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        first = next(_tensors(list(args)), None)
+        self.calls.append((func.overloadpacket.__name__, -1 if first is None else first.data_ptr()))
+        return func(*args, **(kwargs or {}))
+
+
+def _reference_norm(params: list[Tensor]) -> float:
+    return math.sqrt(sum(float((p.detach().double() ** 2).sum()) for p in params))
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["separate", "contiguous"])
+def test_a_step_measured_for_logging_takes_the_norm_in_the_decay_pass(contiguous):
+    params = _params(4, 2**18 + 3, contiguous=contiguous)
+    optimizer, engine = _engine(params)
+    optimizer.step()
+    before = [p.detach().clone() for p in params]
+    engine.norms_in_step = True
+    with _Calls() as seen:
+        optimizer.step()
+    names = [name for name, _ in seen.calls]
+    assert "_foreach_norm" not in names and "linalg_vector_norm" not in names
+    assert "_foreach_mul_" not in names  # the decay itself went block by block
+    blocks = [(name, ptr) for name, ptr in seen.calls if name in ("mul_", "dot")]
+    # each block's square sum reads the block the decay has just written, while it is in cache
+    assert blocks[0::2] == [("mul_", ptr) for _, ptr in blocks[1::2]]
+    assert [name for name, _ in blocks[1::2]] == ["dot"] * (len(blocks) // 2) and len(blocks) >= 10
+    step = LR * WD
+    for p, b in zip(params, before, strict=True):  # the decay is the formula's, to the bit
+        assert torch.equal(p.detach(), b * torch.tensor(1.0 - step, dtype=b.dtype))
+    with _Calls() as seen:
+        measured = engine.metrics()["decay/param_norm"]
+    assert measured == pytest.approx(_reference_norm(params), rel=1e-5)
+    assert not {"_foreach_norm", "linalg_vector_norm", "dot"} & {name for name, _ in seen.calls}
+
+
+def test_a_norm_taken_in_the_step_is_not_reused_once_the_parameters_change():
+    params = _params(2, 2**18)
+    optimizer, engine = _engine(params)
+    engine.norms_in_step = True
+    optimizer.step()
+    with torch.no_grad():
+        params[0].mul_(3.0)  # for example another callback's in-place change after the step
+    assert engine.metrics()["decay/param_norm"] == pytest.approx(_reference_norm(params), rel=1e-5)
+    optimizer.step()
+    params[1].data = torch.full_like(params[1], 0.5)  # a replaced `.data`
+    assert engine.metrics()["decay/param_norm"] == pytest.approx(_reference_norm(params), rel=1e-5)
+    params[0].grad = None  # a step that leaves a tensor out is measured after it, as before
+    optimizer.step()
+    with _Calls() as seen:
+        assert engine.metrics()["decay/param_norm"] == pytest.approx(_reference_norm(params), rel=1e-5)
+    assert "_foreach_norm" in {name for name, _ in seen.calls}
+
+
 def test_a_contiguous_group_is_one_pass_of_one_kernel():
     params = _params(300, 64, contiguous=True)
     optimizer, _ = _engine(params)
