@@ -157,6 +157,8 @@ class EngineHarness:
         track = logging and kwargs.pop("log_update_norm", False)
         self.engine = lwd.WeightDecay(self.optimizer, track_updates=track, **kwargs)
         self.logging = logging
+        # As the callback sets it on the steps it logs: the norm is taken in the decay's own pass.
+        self.engine.norms_in_step = logging
         self.logger = NullLogger()
 
     def before_step(self) -> None:
