@@ -27,7 +27,9 @@ Rows:
 * ``callback`` rows: the real step path of the callback's engine (``optimizer.step()`` through
   its wrapper, over an optimizer whose own update does nothing: λ out and back in, gradient check,
   step size, decay, and on a logged step the metrics and their one host sync); for ``cautious``
-  also the snapshot it takes before the optimizer's update, in the full step and alone;
+  also the snapshot it takes before the optimizer's update, in the full step and alone, and the
+  full step with ``fused=True`` (the mask and decay as one ``torch.compile`` kernel per tensor;
+  compiled in the warm-up rounds, so a C++ compiler is needed on CPU);
   ``contiguous group`` rows run it over parameters laid out in one buffer by
   :func:`~lightning_wd.functional.make_contiguous_` (``WDMixin.contiguous_parameters = True``).
 * with ``--compiled``, ``torch.compile`` rows: the cautious mask and decay fused into one kernel
@@ -116,6 +118,10 @@ def _cases(
     cases["callback cautious: full step (snapshot + mask + decay)"] = EngineHarness(
         params, weight_decay=WD, lr=LR, cautious=True
     ).step
+    # fused=True: the mask and decay as one torch.compile kernel per tensor (compiled in the warm-up rounds).
+    cases["callback cautious, fused=True: full step"] = EngineHarness(
+        params, weight_decay=WD, lr=LR, cautious=True, fused=True
+    ).step
     # The same step over parameters laid out in one buffer (WDMixin's contiguous_parameters=True).
     for label, kwargs in (
         ("decoupled", {}),
@@ -140,6 +146,7 @@ TARGETS = [
     ("large", "callback L1 (ord=1)", 2.5),
     ("large", "callback relative (params, mean_abs)", 2.5),
     ("large", "callback cautious: full step (snapshot + mask + decay)", 4.0),
+    ("large", "callback cautious, fused=True: full step", 4.0),
     ("large", "callback decoupled, logged step", 1.5),
     ("small", "callback decoupled", 2.0),
     ("small", "callback decoupled, contiguous group", 2.0),

@@ -126,6 +126,9 @@ class WeightDecayCallback(Callback):
             step η_t·λ), ``update_ratio`` (‖Δp‖/‖p‖) and ``angular_update`` (radians between the
             parameters before and after the step), and print a report per group at the end of the fit
             (``report``): the timescale against the run's length, and whether ``param_norm`` settled.
+        fused: Decay ``cautious=True`` groups of a few large tensors with one kernel compiled by
+            ``torch.compile`` (see ``WeightDecay``): one pass instead of several, a compile at the first
+            step, and the foreach path, with one warning, where compiling fails.
 
     Raises:
         ValueError: on an unknown ``mode``, ``source``, ``metric`` or ``ord``, or ``source``/``metric``
@@ -159,9 +162,18 @@ class WeightDecayCallback(Callback):
         toward: Literal["init"] | Mapping[str, Tensor] | None = None,
         timescale_fraction: float | None = None,
         log_diagnostics: bool = False,
+        fused: bool = False,
     ) -> None:
         options = DecayOptions(
-            mode, ord, cautious, source, metric, schedule, toward=toward, timescale_fraction=timescale_fraction
+            mode,
+            ord,
+            cautious,
+            source,
+            metric,
+            schedule,
+            toward=toward,
+            timescale_fraction=timescale_fraction,
+            fused=fused,
         )
         for value, argument in (
             (log_norms, "log_norms"),
@@ -194,6 +206,7 @@ class WeightDecayCallback(Callback):
     schedule = property(lambda self: self.options.schedule)
     toward = property(lambda self: self.options.toward)
     timescale_fraction = property(lambda self: self.options.timescale_fraction)
+    fused = property(lambda self: self.options.fused)
 
     # ------------------------------------------------------------------ identity and state
     @property

@@ -104,7 +104,7 @@ class DecayOptions:
         ValueError: on an unknown ``mode``, ``source``, ``metric`` or ``ord``, ``source``/``metric``
             given for a mode other than ``"relative"``, ``toward`` or ``timescale_fraction`` with
             ``mode="relative"``, ``timescale_fraction`` with ``ord=1`` or not a finite number > 0.
-        TypeError: on ``cautious`` that is not a bool, a ``schedule`` that is not callable, or
+        TypeError: on ``cautious`` or ``fused`` that is not a bool, a ``schedule`` that is not callable, or
             ``toward`` that is neither ``"init"`` nor a mapping of names to tensors.
     """
 
@@ -116,6 +116,7 @@ class DecayOptions:
     schedule: Callable[[int], float] | None = None
     toward: Literal["init"] | Mapping[str, Tensor] | None = field(default=None, compare=False, repr=False)
     timescale_fraction: float | None = None
+    fused: bool = False
 
     def __post_init__(self) -> None:
         _choice(self.mode, "mode", Mode)
@@ -134,6 +135,7 @@ class DecayOptions:
         _choice(self.source, "source", Source)
         _choice(self.metric, "metric", Metric)
         _flag(self.cautious, "cautious")
+        _flag(self.fused, "fused")
         if self.schedule is not None and not callable(self.schedule):
             raise TypeError(
                 f"`schedule` must be None or a callable step -> multiplier (for example"
@@ -474,6 +476,12 @@ class WeightDecay:
             ``independent`` and ``lr_ratio`` mode): ``λ = 1 / (fraction · total_steps · η)``.
         track_diagnostics: Measure each group's ``update_ratio`` and ``angular_update`` at the next
             steps (for ``metrics(diagnostics=True)``); set it only before steps you log.
+        fused: Decay ``cautious=True`` groups of a few large tensors (at most 8, or 32k elements each on
+            average; any floating dtype and device) with one kernel compiled by ``torch.compile``: one
+            pass over the parameters and their copy instead of several. The first step compiles it
+            (seconds; on CPU a C++ compiler is needed); where compiling fails, one warning says why and
+            the foreach path decays instead, with the same result. Other modes, ``toward``, steps
+            with ``track_diagnostics`` and other tensors are not affected.
 
     Raises:
         TypeError: on an ``optimizer`` that is not one, a flag that is not a bool, or ``rules``
@@ -521,13 +529,22 @@ class WeightDecay:
         toward: Literal["init"] | Mapping[str, Tensor] | None = None,
         timescale_fraction: float | None = None,
         track_diagnostics: bool = False,
+        fused: bool = False,
         _options: DecayOptions | None = None,
         _strict: bool = True,
         _set_timescale: bool = True,
     ) -> None:
         opt = unwrap_optimizer(optimizer)
         options = _options or DecayOptions(
-            mode, ord, cautious, source, metric, schedule, toward=toward, timescale_fraction=timescale_fraction
+            mode,
+            ord,
+            cautious,
+            source,
+            metric,
+            schedule,
+            toward=toward,
+            timescale_fraction=timescale_fraction,
+            fused=fused,
         )
         _flag(track_updates, "track_updates")
         _flag(track_diagnostics, "track_diagnostics")
@@ -1000,7 +1017,7 @@ class WeightDecay:
     def _take_snapshot(self) -> None:
         track = self.track_updates or self.track_diagnostics
         self._snapshot = [
-            [list(torch._foreach_mul(chunk, F._factor(1.0, chunk, {chunk[0].dtype}))) for chunk in _locals_of(b)]
+            [F._copies(chunk) for chunk in _locals_of(b)]
             if track or self._bucket_wd(b, self._saved[b.index]) > 0
             else []
             for b in self._buckets
@@ -1073,7 +1090,7 @@ class WeightDecay:
                         ref = self._references_of(bucket, part.params) if toward else None
                         if ref is None and self.options.cautious and not self.track_diagnostics:
                             # the copy's last use: the mask is formed in it, in the passes of the decay
-                            F._cautious_decay_(part.tensors, part.before, step, self.options.ord)
+                            F._cautious_decay_(part.tensors, part.before, step, self.options.ord, self.options.fused)
                             part.before.clear()
                             continue
                         mask = self._mask(part, ref) if self.options.cautious else None

@@ -222,6 +222,7 @@ class StepRecorder(Callback):
     def __init__(self, wds: dict[str, float], schedule: Any = None, skipped: tuple[int, ...] = (), **kw: Any):
         self.wds = wds
         self.schedule = schedule
+        kw.pop("fused", None)  # how the decay is computed, not what it is
         self.kw = kw
         self.skipped = skipped
         self.pending: list[tuple[torch.optim.Optimizer, dict[str, Tensor], dict[str, float]]] = []

@@ -509,7 +509,7 @@ for value, error, match in [
     case("WeightDecayCallback", "rules", CB, dict(rules=value), error, match)
 for value in (3, 0, "1", True, 2.5):
     case("WeightDecayCallback", "ord", CB, dict(ord=value), ValueError, "use any of the following: 1, 2")
-for argument in ("cautious", "log_norms", "log_grad_norm", "log_update_norm"):
+for argument in ("cautious", "log_norms", "log_grad_norm", "log_update_norm", "fused"):
     for value in ("yes", 1, None):
         case("WeightDecayCallback", argument, CB, {argument: value}, TypeError, "must be True or False.*Pass a bool")
 for kwargs, match in [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -59,6 +60,40 @@ def test_every_mode_matches_reference_with_lr_schedule(tmp_path, config):
     t = trainer(tmp_path, [lwd.WeightDecayCallback(**config), recorder])
     t.fit(model, loader())
     assert recorder.checked == 5
+
+
+@pytest.mark.skipif(
+    not any(map(shutil.which, ("g++", "clang++", "c++"))), reason="torch.compile needs a C++ compiler on CPU"
+)
+@pytest.mark.parametrize("ord", [2, 1], ids=["cautious", "cautious-L1"])
+def test_fused_cautious_decay_matches_reference_and_runs_the_compiled_kernel(tmp_path, monkeypatch, ord):
+    """``fused=True``: the same decay as the formula, by the kernel torch.compile made (counted)."""
+    from lightning_wd import functional as F
+
+    calls = []
+    compile_ = torch.compile
+
+    def counting_compile(fn, **kwargs):
+        compiled = compile_(fn, **kwargs)
+
+        def run(*args):
+            calls.append(args[0].numel())
+            return compiled(*args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    monkeypatch.setitem(F._FUSED, "kernel", None)
+    monkeypatch.setitem(F._FUSED, "failed", None)
+    model = WDNet(scheduler=step_scheduler)
+    recorder = StepRecorder(WDS, mode="decoupled", cautious=True, ord=ord)
+    callback = lwd.WeightDecayCallback(cautious=True, ord=ord, fused=True)
+    t = trainer(tmp_path, [callback, recorder])
+    t.fit(model, loader())
+    assert recorder.checked == 5
+    assert callback.fused and F._FUSED["failed"] is None
+    decayed = sum(p.numel() for n, p in model.named_parameters() if n in WDS)
+    assert sum(calls) == 5 * decayed  # every decayed element, once per step, by the compiled kernel
 
 
 def test_accumulation_over_odd_batches_decays_once_per_real_step(tmp_path):

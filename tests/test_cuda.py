@@ -37,8 +37,13 @@ def _trainer(tmp_path, callbacks, **kw) -> L.Trainer:
 
 @pytest.mark.parametrize(
     "config",
-    [dict(mode="decoupled"), dict(mode="relative", source="update", cautious=True), dict(mode="lr_ratio", ord=1)],
-    ids=["decoupled", "relative-update-cautious", "lr_ratio-L1"],
+    [
+        dict(mode="decoupled"),
+        dict(mode="relative", source="update", cautious=True),
+        dict(mode="lr_ratio", ord=1),
+        dict(mode="decoupled", cautious=True, fused=True),
+    ],
+    ids=["decoupled", "relative-update-cautious", "lr_ratio-L1", "cautious-fused"],
 )
 def test_modes_match_reference_on_cuda(tmp_path, config):
     recorder = StepRecorder(WDS, **config)

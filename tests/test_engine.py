@@ -419,6 +419,7 @@ ENGINE_ROWS = [
     ("total_steps", dict(total_steps=0), ValueError, "Pass for example total_steps="),
     ("track_updates", dict(track_updates=1), TypeError, "Pass a bool"),
     ("track_diagnostics", dict(track_diagnostics="on"), TypeError, "Pass a bool"),
+    ("fused", dict(fused=1), TypeError, "Pass a bool"),
     ("toward", dict(toward="pretrained"), ValueError, "use 'init'"),
     ("toward", dict(toward=[1.0]), TypeError, r"Pass 'init' or for example `pretrained\.state_dict\(\)`"),
     ("toward", dict(toward="init", mode="relative"), ValueError, "Use mode='decoupled'"),
@@ -497,3 +498,27 @@ def test_a_deep_copy_of_the_optimizer_steps_its_own_parameters_without_the_engin
     twin.step()  # SGD's own update with its own (coupled) decay, on the copy's tensors only
     assert torch.equal(net[0].weight.detach(), original)
     torch.testing.assert_close(twin.param_groups[1]["params"][0].detach(), before - LR * (1 + WD * before))
+
+
+def test_fused_cautious_falls_back_to_foreach_once_compiling_fails_and_decays_each_tensor_once(monkeypatch):
+    """A compiler failure part-way through a step: one warning, the rest on the foreach path, nothing twice."""
+    from lightning_wd import functional as F
+
+    calls = []
+
+    def kernel(p, b, step, soft):
+        calls.append(p.numel())
+        if len(calls) == 2:  # the second tensor of the first step: as a failing C++ compiler would
+            raise RuntimeError("InductorError: C++ compile error\nmore detail")
+        F._cautious_kernel(p, b, step, soft)
+
+    monkeypatch.setitem(F._FUSED, "kernel", kernel)
+    monkeypatch.setitem(F._FUSED, "failed", None)
+    net, data = model(), batches()
+    expected = reference(net, data, cautious=True)
+    with pytest.warns(UserWarning, match=r"fused=True could not compile.*RuntimeError: InductorError.*same result"):
+        run_engine(net, data, cautious=True, fused=True)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert len(calls) == 2  # never tried again after the failure
+    assert F._FUSED["failed"].startswith("RuntimeError: InductorError")

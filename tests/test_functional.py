@@ -140,3 +140,31 @@ def test_numel_may_be_given_as_any_int_at_least_zero():
     assert float(F.mean_abs(tensors, numel=7)) == 1.0
     assert float(F.rms(tensors, numel=4)) == 2.5
     assert float(F.mean_abs(tensors, numel=0)) == 7.0  # no elements counted: divided by 1, as for empty tensors
+
+
+def test_the_engines_copies_hold_the_same_bits_in_their_own_memory(monkeypatch):
+    """``_copies`` (the snapshot of cautious and update modes): bit for bit, NaN, -0.0 and inf included."""
+    moved = []
+    memmove = F.ctypes.memmove
+    monkeypatch.setattr(F.ctypes, "memmove", lambda dst, src, n: (moved.append(n), memmove(dst, src, n))[1])
+    special = torch.tensor([float("nan"), -0.0, float("inf"), -float("inf"), 1e-45])
+    large = [torch.randn(300, 200), torch.randn(200, 300)]  # a few large contiguous CPU tensors: memmove
+    large[0].view(-1)[:5] = special
+    cases = {
+        "large": large,
+        "float64": [torch.randn(40_000, dtype=torch.float64)],
+        "many small": [torch.randn(3, 4) for _ in range(20)],
+        "transposed": [torch.randn(300, 200).t()],
+    }
+    for name, tensors in cases.items():
+        moved.clear()
+        copies = F._copies(tensors)
+        assert len(moved) == (len(tensors) if name in ("large", "float64") else 0), name
+        for t, c in zip(tensors, copies, strict=True):
+            bits = torch.int64 if t.dtype == torch.float64 else torch.int32
+            assert c.shape == t.shape and c.dtype == t.dtype
+            assert torch.equal(c.contiguous().view(bits), t.contiguous().view(bits)), name
+            assert c.untyped_storage().data_ptr() != t.untyped_storage().data_ptr(), name
+        first = (0,) * tensors[0].dim()
+        tensors[0][first] = 7.0  # the copy does not follow the original
+        assert copies[0][first] != 7.0, name
