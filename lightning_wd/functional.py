@@ -591,9 +591,6 @@ def _fused_cautious_(tensors: list[Tensor], before: list[Tensor], step: Step, or
     """
     if _FUSED["failed"] is not None or not _fusable(tensors, before):
         return 0
-    if _FUSED["kernel"] is None:
-        _FUSED["kernel"] = torch.compile(_cautious_kernel, dynamic=True, fullgraph=True)
-    kernel = _FUSED["kernel"]
     first = tensors[0]
     opmath = torch.float64 if first.dtype == torch.float64 else torch.float32
     size = (
@@ -603,7 +600,9 @@ def _fused_cautious_(tensors: list[Tensor], before: list[Tensor], step: Step, or
     )
     for done, (t, b) in enumerate(zip(tensors, before, strict=True)):
         try:
-            kernel(t.view(-1), b.view(-1), size, ord == 1)
+            if _FUSED["kernel"] is None:
+                _FUSED["kernel"] = torch.compile(_cautious_kernel, dynamic=True, fullgraph=True)
+            _FUSED["kernel"](t.view(-1), b.view(-1), size, ord == 1)
         except Exception as err:  # the compiler's failure: the foreach path decays what is left
             _FUSED["failed"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
             warnings.warn(
