@@ -82,6 +82,26 @@ def main() -> None:
         wall_ratio = f"{wall / ref[0]:.2f}" if ref else "n/a"
         cpu_ratio = f"{cpu / ref[1]:.2f}" if ref else "n/a"
         print(f"| {n:,} | {wall:.4f} | {wall_ratio} | {cpu:.4f} | {cpu_ratio} | {walk:.4f} | {cpu / walk:.1f} |")
+    print()
+    for line in target_lines(results):
+        print(line)
+
+
+def target_lines(results: dict[int, tuple[float, float, float]]) -> list[str]:
+    """The plan-building targets with their figures, for the sizes that were run."""
+    lines = []
+    if 10_000 in results:
+        cpu = results[10_000][1]
+        verdict = "met" if cpu < 0.5 else "missed"
+        lines.append(f"target: 10,000 tensors planned in under 0.5 s of CPU time: {cpu:.3f} s ({verdict})")
+    if 10_000 in results and 100_000 in results:
+        wall, cpu = (results[100_000][i] / results[10_000][i] for i in (0, 1))
+        verdict = "met" if cpu <= 11 else "missed"
+        lines.append(
+            f"target: plan building linear, 100,000 / 10,000 tensors <= 11x: {cpu:.2f}x CPU time"
+            f" ({wall:.2f}x wall) ({verdict})"
+        )
+    return lines
 
 
 if __name__ == "__main__":
