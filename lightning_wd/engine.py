@@ -103,7 +103,8 @@ class DecayOptions:
     Raises:
         ValueError: on an unknown ``mode``, ``source``, ``metric`` or ``ord``, ``source``/``metric``
             given for a mode other than ``"relative"``, ``toward`` or ``timescale_fraction`` with
-            ``mode="relative"``, ``timescale_fraction`` with ``ord=1`` or not a finite number > 0.
+            ``mode="relative"``, ``timescale_fraction`` with ``ord=1`` or not a finite number > 0,
+            ``fused`` without ``cautious`` or with ``toward``.
         TypeError: on ``cautious`` or ``fused`` that is not a bool, a ``schedule`` that is not callable, or
             ``toward`` that is neither ``"init"`` nor a mapping of names to tensors.
     """
@@ -136,6 +137,12 @@ class DecayOptions:
         _choice(self.metric, "metric", Metric)
         _flag(self.cautious, "cautious")
         _flag(self.fused, "fused")
+        if self.fused and (not self.cautious or self.toward is not None):
+            raise ValueError(
+                f"`fused`=True fuses the cautious mask and decay, so it needs cautious=True without `toward`; got"
+                f" cautious={self.cautious!r}, toward={'given' if self.toward is not None else None}. Pass"
+                " cautious=True (and no `toward`), or drop fused."
+            )
         if self.schedule is not None and not callable(self.schedule):
             raise TypeError(
                 f"`schedule` must be None or a callable step -> multiplier (for example"

@@ -512,6 +512,7 @@ for value in (3, 0, "1", True, 2.5):
 for argument in ("cautious", "log_norms", "log_grad_norm", "log_update_norm", "fused"):
     for value in ("yes", 1, None):
         case("WeightDecayCallback", argument, CB, {argument: value}, TypeError, "must be True or False.*Pass a bool")
+case("WeightDecayCallback", "fused", CB, dict(fused=True), ValueError, "needs cautious=True.*or drop fused")
 for kwargs, match in [
     (dict(mode="relative", source="gradient"), "use any of the following: 'grad', 'params', 'update'"),
     (dict(mode="decoupled", source="grad"), "only apply to mode='relative'.*Use mode='relative' or drop them"),

@@ -420,6 +420,8 @@ ENGINE_ROWS = [
     ("track_updates", dict(track_updates=1), TypeError, "Pass a bool"),
     ("track_diagnostics", dict(track_diagnostics="on"), TypeError, "Pass a bool"),
     ("fused", dict(fused=1), TypeError, "Pass a bool"),
+    ("fused", dict(fused=True), ValueError, r"needs cautious=True.*Pass cautious=True"),
+    ("fused", dict(fused=True, cautious=True, toward="init"), ValueError, r"without `toward`.*or drop fused"),
     ("toward", dict(toward="pretrained"), ValueError, "use 'init'"),
     ("toward", dict(toward=[1.0]), TypeError, r"Pass 'init' or for example `pretrained\.state_dict\(\)`"),
     ("toward", dict(toward="init", mode="relative"), ValueError, "Use mode='decoupled'"),
