@@ -1024,7 +1024,7 @@ class WeightDecay:
     def _take_snapshot(self) -> None:
         track = self.track_updates or self.track_diagnostics
         self._snapshot = [
-            [F._copies(chunk) for chunk in _locals_of(b)]
+            [F._copies(chunk, b.numels[c] if b.numels else None) for c, chunk in enumerate(_locals_of(b))]
             if track or self._bucket_wd(b, self._saved[b.index]) > 0
             else []
             for b in self._buckets
@@ -1097,7 +1097,9 @@ class WeightDecay:
                         ref = self._references_of(bucket, part.params) if toward else None
                         if ref is None and self.options.cautious and not self.track_diagnostics:
                             # the copy's last use: the mask is formed in it, in the passes of the decay
-                            F._cautious_decay_(part.tensors, part.before, step, self.options.ord, self.options.fused)
+                            F._cautious_decay_(
+                                part.tensors, part.before, step, self.options.ord, self.options.fused, part.numel
+                            )
                             part.before.clear()
                             continue
                         mask = self._mask(part, ref) if self.options.cautious else None
@@ -1106,7 +1108,7 @@ class WeightDecay:
                         if ref is None:
                             dtypes = {part.tensors[0].dtype}
                             if fuse:
-                                square_sum = F._decay_and_square_sum_(part.tensors, step, dtypes)
+                                square_sum = F._decay_and_square_sum_(part.tensors, step, dtypes, part.numel)
                                 if square_sum is not None:
                                     square_sums.append(square_sum)
                                     continue

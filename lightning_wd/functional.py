@@ -9,7 +9,8 @@ tensor step needs one device): callers that run every step split them once with
 Where a single-pass operator exists that foreach kernels lack, a few large tensors (at most 8, or
 32k elements each on average, such as a contiguous group's one buffer) are worked on one by one,
 and on CPU in blocks that stay in cache: the L1 soft threshold is ``softshrink`` written in place,
-the sum of absolute values (``mean_abs``) and the engine's cautious mask go block by block. The
+the sum of absolute values (``mean_abs``), the engine's cautious mask, its copies of the parameters
+and the norm of a logged step go block by block (or tensor by tensor). The
 Python calls are then bounded by the tensors' size, not their number; the soft threshold and the
 mask give the bits of the foreach paths, and the sum differs from the foreach norm only in the
 order of its float32 additions.
@@ -538,9 +539,13 @@ _LARGE_TENSOR = 1 << 15
 _BLOCK = 1 << 17
 
 
-def _few_large(tensors: list[Tensor], numel: int | None) -> bool:
+def _few_large(tensors: Sequence[Tensor], numel: int | None = None) -> bool:
+    """Whether ``tensors`` are few (at most 8) or large (32k elements each on average; ``numel``: their
+    element count if known, else counted in one C-speed pass): lists worth working on tensor by tensor."""
     count = len(tensors)
-    return count <= _FEW_TENSORS or (numel is not None and numel >= count * _LARGE_TENSOR)
+    if count <= _FEW_TENSORS:
+        return True
+    return (numel if numel is not None else sum(map(Tensor.numel, tensors))) >= count * _LARGE_TENSOR
 
 
 def _exact_dtypes(tensors: list[Tensor], dtypes: set[torch.dtype] | None) -> bool:
@@ -580,7 +585,9 @@ def _cautious_kernel(p: Tensor, b: Tensor, step: Tensor, soft: bool) -> None:
 _FUSED: dict[str, Any] = {"kernel": None, "failed": None}
 
 
-def _fused_cautious_(tensors: list[Tensor], before: list[Tensor], step: Step, ord: int) -> int:
+def _fused_cautious_(
+    tensors: list[Tensor], before: list[Tensor], step: Step, ord: int, numel: int | None = None
+) -> int:
     """``_cautious_decay_`` of a few large tensors by one compiled kernel each: how many it decayed.
 
     The kernel reads ``p`` and ``b`` once and writes ``p`` once (the foreach path makes about five
@@ -589,7 +596,7 @@ def _fused_cautious_(tensors: list[Tensor], before: list[Tensor], step: Step, or
     device), one warning says why and the tensors not yet decayed are left to the caller's foreach
     path, for this and every later step: none is decayed twice.
     """
-    if _FUSED["failed"] is not None or not _fusable(tensors, before):
+    if _FUSED["failed"] is not None or not _fusable(tensors, before, numel):
         return 0
     first = tensors[0]
     opmath = torch.float64 if first.dtype == torch.float64 else torch.float32
@@ -616,25 +623,26 @@ def _fused_cautious_(tensors: list[Tensor], before: list[Tensor], step: Step, or
     return len(tensors)
 
 
-def _fusable(tensors: list[Tensor], before: list[Tensor]) -> bool:
+def _fusable(tensors: list[Tensor], before: list[Tensor], numel: int | None) -> bool:
     """Whether ``tensors`` and their copies suit the compiled kernel: a few large contiguous float tensors."""
     dtype = tensors[0].dtype
     return (
-        _few_large(tensors, sum(map(Tensor.numel, tensors)) if len(tensors) > _FEW_TENSORS else None)
+        _few_large(tensors, numel)
         and dtype.is_floating_point
         and all(type(t) in _PLAIN_CLASSES and t.dtype == dtype and t.is_contiguous() for t in (*tensors, *before))
     )
 
 
-def _copies(tensors: list[Tensor]) -> list[Tensor]:
+def _copies(tensors: list[Tensor], numel: int | None = None) -> list[Tensor]:
     """Copies of ``tensors`` (one device and dtype), the same bits.
 
-    A few large contiguous CPU tensors are copied by the C library's ``memmove``, which writes past
-    the cache without reading the destination first: about 1.5 passes of a ``mul_`` against 2 for
-    torch's copy on the benchmark machine. Others are copied by one foreach kernel.
+    Few or large contiguous CPU tensors (``_few_large``) are copied by the C library's ``memmove``,
+    which writes past the cache without reading the destination first: about 1.5 passes of a
+    ``mul_`` against 2 for torch's copy on the benchmark machine. Others are copied by one foreach
+    kernel.
     """
-    if len(tensors) <= _FEW_TENSORS and all(
-        type(t) in _PLAIN_CLASSES and t.is_cpu and t.is_contiguous() and t.numel() >= _LARGE_TENSOR for t in tensors
+    if _few_large(tensors, numel) and all(
+        type(t) in _PLAIN_CLASSES and t.is_cpu and t.is_contiguous() for t in tensors
     ):
         out = []
         for t in tensors:
@@ -645,7 +653,9 @@ def _copies(tensors: list[Tensor]) -> list[Tensor]:
     return list(torch._foreach_mul(tensors, _factor(1.0, tensors, {tensors[0].dtype})))
 
 
-def _cautious_decay_(tensors: list[Tensor], before: list[Tensor], step: Step, ord: int, fused: bool = False) -> None:
+def _cautious_decay_(
+    tensors: list[Tensor], before: list[Tensor], step: Step, ord: int, fused: bool = False, numel: int | None = None
+) -> None:
     """Decay only where ``(tensors - before) * before < 0``, using ``before`` as the scratch (it is consumed).
 
     The engine's cautious step, in fewer passes and one temporary less than ``cautious_mask``
@@ -656,7 +666,7 @@ def _cautious_decay_(tensors: list[Tensor], before: list[Tensor], step: Step, or
       the last bit of a fused multiply-add, and ``p`` exactly elsewhere);
     * ``ord=1``: ``p <- p + q * clamp(p, -step, step)`` (the soft threshold where ``q = -1``).
 
-    A few large float32/float64 tensors on CPU are worked on in blocks of 2^17 elements, with two
+    Few or large (``_few_large``) float32/float64 tensors on CPU are worked on in blocks of 2^17 elements, with two
     scratch blocks instead of a temporary the size of the tensors, and fewer operations: the mask
     ``m = [(p - b) b < 0]`` (1 where ``q = -1``) is formed in a scratch block, and ``p <- p - step * p * m``
     (``p - m * clamp(p, -step, step)`` for ``ord=1``), the same bits as with ``q``: multiplying by -1
@@ -670,12 +680,13 @@ def _cautious_decay_(tensors: list[Tensor], before: list[Tensor], step: Step, or
     if not tensors:
         return
     if fused:
-        done = _fused_cautious_(tensors, before, step, ord)
+        done = _fused_cautious_(tensors, before, step, ord, numel)
+        numel = None if done else numel
         if done == len(tensors):
             return
         tensors, before = tensors[done:], before[done:]
     step = _on(step, tensors[0].device)
-    if _in_blocks(tensors, before) and (ord == 2 or not isinstance(step, Tensor)):
+    if _in_blocks(tensors, before, numel) and (ord == 2 or not isinstance(step, Tensor)):
         scratch = torch.empty((2, min(_BLOCK, max(map(Tensor.numel, tensors)))), dtype=tensors[0].dtype)
         for t, b in zip(tensors, before, strict=True):
             for block, old in zip(t.view(-1).split(_BLOCK), b.view(-1).split(_BLOCK), strict=True):
@@ -703,16 +714,18 @@ def _cautious_decay_(tensors: list[Tensor], before: list[Tensor], step: Step, or
     torch._foreach_addcmul_(tensors, clipped, before)
 
 
-def _decay_and_square_sum_(tensors: list[Tensor], step: Step, dtypes: set[torch.dtype] | None) -> Tensor | None:
+def _decay_and_square_sum_(
+    tensors: list[Tensor], step: Step, dtypes: set[torch.dtype] | None, numel: int | None = None
+) -> Tensor | None:
     """``p <- p (1 - step)`` (``_apply_decay_`` with ``ord=2`` and no mask, the same bits) and ``sum p²`` after it.
 
-    For a few large float32/float64 CPU tensors the square sum is taken block by block right after
+    For few or large (``_few_large``) float32/float64 CPU tensors the square sum is taken block by block right after
     each block is decayed, while it is in cache: one pass over memory for both. Returns the sum
     (float32, 0-dim), or None, having changed nothing, for other tensors.
 
     Call under no_grad with lists of one device and dtype, checked by the caller.
     """
-    if not tensors or not _in_blocks(tensors, []):
+    if not tensors or not _in_blocks(tensors, [], numel):
         return None
     factor = 1 - _on(step, tensors[0].device) if isinstance(step, Tensor) else _factor(1.0 - step, tensors, dtypes)
     sums = []
@@ -723,11 +736,12 @@ def _decay_and_square_sum_(tensors: list[Tensor], step: Step, dtypes: set[torch.
     return torch.stack(sums).sum().float()
 
 
-def _in_blocks(tensors: list[Tensor], others: list[Tensor]) -> bool:
-    """Whether ``tensors`` (and ``others``, one per tensor) are a few contiguous float32/float64 CPU tensors."""
+def _in_blocks(tensors: list[Tensor], others: list[Tensor], numel: int | None = None) -> bool:
+    """Whether ``tensors`` (and ``others``, one per tensor) are few or large (``_few_large``) contiguous
+    float32/float64 CPU tensors."""
     dtype = tensors[0].dtype
     return (
-        len(tensors) <= _FEW_TENSORS
+        _few_large(tensors, numel)
         and dtype in _EXACT_FACTOR_DTYPES
         and all(
             type(t) in _PLAIN_CLASSES and t.is_cpu and t.dtype == dtype and t.is_contiguous()
@@ -1017,14 +1031,14 @@ def _abs_sum(tensors: Sequence[Tensor]) -> Tensor:
     """``sum |x|`` over all elements of ``tensors`` (float32, 0-dim, on the first tensor's device).
 
     On CPU, the foreach L1 norm reduces element by element, several times slower than a pass over
-    memory; a few large float32/float64 tensors (a contiguous group's buffer) are instead summed in
-    blocks that stay in cache: absolute values into one scratch block, then the vectorised sum.
-    Everything else is reduced with the foreach norms.
+    memory; few or large float32/float64 tensors (``_few_large``: a contiguous group's buffer, a
+    model's weight matrices) are instead summed in blocks that stay in cache: absolute values into
+    one scratch block, then the vectorised sum. Everything else is reduced with the foreach norms.
     """
     first = tensors[0]
     dtype = first.dtype
     if not (
-        len(tensors) <= _FEW_TENSORS
+        _few_large(tensors)
         and dtype in _EXACT_FACTOR_DTYPES
         and all(type(t) in _PLAIN_CLASSES and t.is_cpu and t.dtype == dtype and t.is_contiguous() for t in tensors)
     ):

@@ -151,6 +151,27 @@ def test_memory_passes_of_a_step(kwargs, count, expected):
     assert passes == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        pytest.param({"cautious": True}, 7.0, id="cautious"),
+        pytest.param({"cautious": True, "ord": 1}, 8.0, id="cautious-L1"),
+        pytest.param({"mode": "relative"}, 3.0, id="relative-params"),
+        pytest.param({"ord": 1}, 2.0, id="L1"),
+    ],
+)
+def test_many_large_tensors_take_the_paths_of_a_few_large_ones(kwargs, expected):
+    """A model's dozens of weight matrices (here 12), not only a few tensors, go block by block.
+
+    (Each larger than the two scratch blocks together, so that those are not taken for memory traffic.)
+    """
+    params = _params(12, 2**18 + 3)
+    optimizer, _ = _engine(params, **kwargs)
+    optimizer.step()
+    passes, _ = _passes(params, optimizer.step)
+    assert passes == pytest.approx(expected)
+
+
 def test_a_logged_step_reads_the_parameters_once_more():
     params = _params(4, 2**20)
     optimizer, engine = _engine(params)
@@ -181,9 +202,13 @@ def _reference_norm(params: list[Tensor]) -> float:
     return math.sqrt(sum(float((p.detach().double() ** 2).sum()) for p in params))
 
 
-@pytest.mark.parametrize("contiguous", [False, True], ids=["separate", "contiguous"])
-def test_a_step_measured_for_logging_takes_the_norm_in_the_decay_pass(contiguous):
-    params = _params(4, 2**18 + 3, contiguous=contiguous)
+@pytest.mark.parametrize(
+    ("count", "numel", "contiguous"),
+    [(4, 2**18 + 3, False), (4, 2**18 + 3, True), (24, 2**15 + 3, False)],
+    ids=["few-large", "contiguous", "many-large"],
+)
+def test_a_step_measured_for_logging_takes_the_norm_in_the_decay_pass(count, numel, contiguous):
+    params = _params(count, numel, contiguous=contiguous)
     optimizer, engine = _engine(params)
     optimizer.step()
     before = [p.detach().clone() for p in params]
@@ -324,7 +349,11 @@ class _Shift(torch.optim.SGD):
 
 @pytest.mark.parametrize(
     ("count", "numel"),
-    [pytest.param(3, 2**18 + 5, id="few-large-in-blocks"), pytest.param(40, 100, id="many-small-foreach")],
+    [
+        pytest.param(3, 2**18 + 5, id="few-large-in-blocks"),
+        pytest.param(12, 2**15 + 7, id="many-large-in-blocks"),
+        pytest.param(40, 100, id="many-small-foreach"),
+    ],
 )
 @pytest.mark.parametrize("ord", [2, 1], ids=["L2", "L1"])
 @pytest.mark.parametrize("cautious", [False, True], ids=["plain", "cautious"])
