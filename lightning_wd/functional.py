@@ -600,11 +600,8 @@ def _fused_cautious_(
         return 0
     first = tensors[0]
     opmath = torch.float64 if first.dtype == torch.float64 else torch.float32
-    size = (
-        step.to(first.device, opmath)
-        if isinstance(step, Tensor)
-        else torch.tensor(step, dtype=opmath, device=first.device)
-    )
+    # a copy to the device that does not wait for it (no host synchronisation, as in `_on`)
+    size = (step if isinstance(step, Tensor) else torch.tensor(step)).to(first.device, opmath, non_blocking=True)
     for done, (t, b) in enumerate(zip(tensors, before, strict=True)):
         try:
             if _FUSED["kernel"] is None:

@@ -323,9 +323,9 @@ def test_norms_are_computed_only_on_logged_steps(tmp_path, monkeypatch):
     in_step = []
     decay_and_measure = lwd.functional._decay_and_square_sum_
 
-    def counting_in_step(tensors, step, dtypes):
+    def counting_in_step(tensors, step, dtypes, numel=None):
         in_step.append(len(tensors))
-        return decay_and_measure(tensors, step, dtypes)
+        return decay_and_measure(tensors, step, dtypes, numel)
 
     monkeypatch.setattr(lwd.functional, "global_norm", counting)
     monkeypatch.setattr(lwd.functional, "_decay_and_square_sum_", counting_in_step)
