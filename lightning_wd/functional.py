@@ -603,6 +603,8 @@ def _fused_cautious_(
     # a copy to the device that does not wait for it (no host synchronisation, as in `_on`)
     size = (step if isinstance(step, Tensor) else torch.tensor(step)).to(first.device, opmath, non_blocking=True)
     for done, (t, b) in enumerate(zip(tensors, before, strict=True)):
+        if not t.numel():  # nothing to decay (and no shape worth a compile)
+            continue
         try:
             if _FUSED["kernel"] is None:
                 _FUSED["kernel"] = torch.compile(_cautious_kernel, dynamic=True, fullgraph=True)
@@ -644,7 +646,8 @@ def _copies(tensors: list[Tensor], numel: int | None = None) -> list[Tensor]:
         out = []
         for t in tensors:
             copy = torch.empty_like(t, memory_format=torch.contiguous_format)
-            ctypes.memmove(copy.data_ptr(), t.data_ptr(), t.numel() * t.element_size())
+            if t.numel():  # (an empty tensor may have no address at all)
+                ctypes.memmove(copy.data_ptr(), t.data_ptr(), t.numel() * t.element_size())
             out.append(copy)
         return out
     return list(torch._foreach_mul(tensors, _factor(1.0, tensors, {tensors[0].dtype})))
