@@ -276,7 +276,7 @@ class _Bucket:
     angular_update: Tensor | None = None
     #: The parameter norm measured in the last step's decay pass (``norms_in_step``), with the
     #: tensors' addresses and version counters just after it: valid while those are unchanged.
-    norm_in_step: tuple[Tensor, list[tuple[int, int]]] | None = None
+    norm_in_step: tuple[Tensor, tuple[list[int], list[int]]] | None = None
 
     @property
     def weight_decay(self) -> float:
@@ -335,9 +335,19 @@ def _with_grad(chunk: list[Tensor], *others: list[Any]) -> tuple[list[Any], ...]
     return tuple([lst[i] for i in keep] for lst in (chunk, *others))
 
 
-def _versions(tensors: list[Tensor]) -> list[tuple[int, int]]:
-    """Each tensor's address and version counter: any in-place change or replaced ``.data`` changes them."""
-    return [(t.data_ptr(), t._version) for t in tensors]
+_version_of = attrgetter("_version")
+
+
+def _versions(bucket: _Bucket) -> tuple[list[int], list[int]]:
+    """The addresses and version counters of a bucket's parameters, and of the flat views it decays them through.
+
+    Any in-place change or replaced ``.data`` changes one of them. Both are needed: a parameter laid out
+    in a contiguous buffer has a version counter of its own, which an in-place change through the
+    parameter bumps and one through the buffer's flat view does not (and the other way round).
+    """
+    whole = bucket.whole()
+    tensors = bucket.params if whole is bucket.params else [*bucket.params, *whole]
+    return list(map(Tensor.data_ptr, tensors)), list(map(_version_of, tensors))
 
 
 def _joined(lists: list[list[Any]]) -> list[Any]:
@@ -1119,7 +1129,7 @@ class WeightDecay:
                 bucket.checked_precision = True
                 if fuse and square_sums and len(square_sums) == len(parts):
                     norm = torch.stack([t.to(square_sums[0].device) for t in square_sums]).sum().sqrt()
-                    bucket.norm_in_step = (norm, _versions(bucket.whole()))
+                    bucket.norm_in_step = (norm, _versions(bucket))
             if bucket.views is not None and self.track_diagnostics and befores is not None:  # FSDP1: every rank
                 bucket.update_ratio, bucket.angular_update = _views_angle(bucket, parts)
             elif parts and self.track_diagnostics and parts[0].before:
@@ -1299,7 +1309,7 @@ class WeightDecay:
             name = b.name
             if param_norm:
                 measured = b.norm_in_step
-                if measured is not None and b.views is None and measured[1] == _versions(b.whole()):
+                if measured is not None and b.views is None and measured[1] == _versions(b):
                     out[f"{name}/param_norm"] = measured[0]  # taken in the decay's pass, and nothing changed since
                 else:
                     out[f"{name}/param_norm"] = (

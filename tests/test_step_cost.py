@@ -231,21 +231,22 @@ def test_a_step_measured_for_logging_takes_the_norm_in_the_decay_pass(count, num
     assert not {"_foreach_norm", "linalg_vector_norm", "dot"} & {name for name, _ in seen.calls}
 
 
-def test_a_norm_taken_in_the_step_is_not_reused_once_the_parameters_change():
-    params = _params(2, 2**18)
+@pytest.mark.parametrize("contiguous", [False, True], ids=["separate", "contiguous"])
+def test_a_norm_taken_in_the_step_is_not_reused_once_the_parameters_change(contiguous):
+    params = _params(2, 2**18, contiguous=contiguous)
     optimizer, engine = _engine(params)
     engine.norms_in_step = True
     optimizer.step()
     with torch.no_grad():
-        params[0].mul_(3.0)  # for example another callback's in-place change after the step
-    assert engine.metrics()["decay/param_norm"] == pytest.approx(_reference_norm(params), rel=1e-5)
+        params[0].mul_(3.0)  # another callback's in-place change after the step (a contiguous group's own counter)
+    assert engine.metrics()["decay/param_norm"] == pytest.approx(_reference_norm(params), rel=1e-4)
     optimizer.step()
     params[1].data = torch.full_like(params[1], 0.5)  # a replaced `.data`
-    assert engine.metrics()["decay/param_norm"] == pytest.approx(_reference_norm(params), rel=1e-5)
+    assert engine.metrics()["decay/param_norm"] == pytest.approx(_reference_norm(params), rel=1e-4)
     params[0].grad = None  # a step that leaves a tensor out is measured after it, as before
     optimizer.step()
     with _Calls() as seen:
-        assert engine.metrics()["decay/param_norm"] == pytest.approx(_reference_norm(params), rel=1e-5)
+        assert engine.metrics()["decay/param_norm"] == pytest.approx(_reference_norm(params), rel=1e-4)
     assert "_foreach_norm" in {name for name, _ in seen.calls}
 
 
