@@ -52,6 +52,7 @@ MODES: dict[str, dict[str, Any]] = {
     "ord=1 (L1)": {"ord": 1},
     "cautious": {"cautious": True},
     "cautious, ord=1": {"cautious": True, "ord": 1},
+    "cautious, fused=True": {"cautious": True, "fused": True},
     "decoupled + log_update_norm, logged step": {"log_update_norm": True, "logging": True},
 }
 
