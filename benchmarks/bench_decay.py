@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
     parser.add_argument("--compiled", action="store_true", help="add torch.compile fused reference rows (large)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1M elements, 500 small tensors, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1M elements, 200 small tensors, 3 repeats")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     total = args.total_elements or (256 * 2**20 if device.type == "cuda" else 16 * 2**20)
     repeats, warmup, small = args.repeats, args.warmup, args.small
     if args.quick:
-        total, repeats, warmup, small = min(total, 2**20), 3, 1, min(small, 500)
+        total, repeats, warmup, small = min(total, 2**20), 3, 1, min(small, 200)
 
     print(f"# bench_decay: {total:,} {args.dtype} elements on {device}, {repeats} rounds after {warmup} warm-up")
     print(machine_info(device))

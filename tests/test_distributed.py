@@ -185,7 +185,7 @@ class CollectiveRecorder(L.Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [3])  # 3 ranks: uneven shards; 2 ranks run in the other DDP tests
 def test_ddp_uneven_data_matches_single_process_and_ranks_agree_on_collectives(tmp_path, world):
     reference = single_process_reference(tmp_path / "single", world)
     ref_path = tmp_path / "reference.pt"

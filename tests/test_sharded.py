@@ -267,7 +267,8 @@ def test_functional_on_dtensors_matches_full_tensors_in_two_processes():
 
 
 # ---------------------------------------------------------------- ModelParallelStrategy + fully_shard, 2 processes
-@pytest.mark.parametrize("mode", ["decoupled", "relative"])
+# decoupled runs in the resume test below, in two phases that end where the straight run does
+@pytest.mark.parametrize("mode", ["relative"])
 def test_fsdp2_script_in_subprocess_matches_single_process(tmp_path, mode):
     """The script asserts (on rank 0) the gathered parameters against the reference and the logged norms
     against the gathered parameters, and exits non-zero on a mismatch."""
