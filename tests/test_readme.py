@@ -44,7 +44,7 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert commands == [EXAMPLE_COMMAND, TEST_COMMAND], f"README.md line {line}: {commands}"
     text = _text()
     assert text.index(EXAMPLE_COMMAND) < text.index("## "), "the two commands must come before the first section"
-    assert "about 5 minutes on 2 CPU cores" in " ".join(text.split()), "the README says how long the tests take"
+    assert "about 8 minutes on 2 CPU cores" in " ".join(text.split()), "the README says how long the tests take"
 
 
 def test_the_two_commands_match_what_the_project_runs() -> None:
