@@ -321,6 +321,9 @@ class _Part(NamedTuple):
 
 _grad_of = attrgetter("grad")
 
+#: The 0.0 a group holds while the engine has its λ, told by identity from a 0.0 written by anyone else.
+_TAKEN = float("0")
+
 
 def _with_grad(chunk: list[Tensor], *others: list[Any]) -> tuple[list[Any], ...]:
     """Keep only the tensors of ``chunk`` (and the matching ones of ``others``) that have a gradient.
@@ -604,7 +607,10 @@ class WeightDecay:
         self._plan_options = dict(plan_options or {})
         self._schedule = _resolve_schedule(options.schedule, total_steps)
         self._total_steps = total_steps
-        self.steps = 0
+        self._steps = 0
+        #: Steps of a fused optimizer under an AMP scaler: its ``found_inf`` (copied to the host without
+        #: waiting for it) and the event after the copy. Counted when ``steps`` is next read.
+        self._uncounted: list[tuple[Tensor, Any]] = []
         #: While True, steps keep the optimizer's own decay out (λ is still 0 during the step) but are not
         #: decayed or counted: for steps that are not training steps (the batch-norm update pass of
         #: stochastic weight averaging steps the optimizer on stale gradients, with no backward).
@@ -987,40 +993,88 @@ class WeightDecay:
         return self._sharded
 
     # ------------------------------------------------------------------ the step path
-    def _multiplier(self, step: int) -> float:
-        return 1.0 if self._schedule is None else float(self._schedule(step))
+    @property
+    def steps(self) -> int:
+        """The real optimizer steps decayed so far: the step count of the λ schedule, saved with the state."""
+        if self._uncounted:
+            self._count_uncounted()
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._uncounted.clear()
+        self._steps = value
+
+    def _count(self, found_inf: Tensor | None) -> None:
+        """Count a step, unless an AMP scaler's ``found_inf`` says the (fused) optimizer skipped it.
+
+        On CPU the flag is read at once; on CUDA it is copied to pinned host memory without waiting,
+        and read when ``steps`` is next needed: by a λ schedule at the next step (by then the copy is
+        done, or the wait is for the previous step only), or by ``state_dict``.
+        """
+        if found_inf is None:
+            self._steps += 1
+        elif found_inf.device.type == "cuda":
+            host = torch.empty((), dtype=found_inf.dtype, pin_memory=True)
+            host.copy_(found_inf.reshape(()), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._uncounted.append((host, event))
+        else:
+            self._steps += int(not bool(found_inf))
+
+    def _count_uncounted(self) -> None:
+        for host, event in self._uncounted:
+            event.synchronize()
+            self._steps += int(not bool(host))
+        self._uncounted.clear()
+
+    def _multiplier(self) -> float:
+        return 1.0 if self._schedule is None else float(self._schedule(self.steps))
 
     def _step(self, inner: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._refresh()
         groups = self.optimizer.param_groups
         saved = self._saved = [g.get("weight_decay") for g in groups]
-        # a paused step is not decayed: it needs no copy of the parameters from before the update
-        if not self.paused and self.options.needs_snapshot(self.track_updates or self.track_diagnostics):
-            args, kwargs = self._snapshot_around_closure(args, kwargs)
+        snapshot = not self.paused and self.options.needs_snapshot(self.track_updates or self.track_diagnostics)
+        args, kwargs = self._around_closure(args, kwargs, snapshot)
         for g in groups:
             if "weight_decay" in g:
-                g["weight_decay"] = 0.0
+                g["weight_decay"] = _TAKEN
         try:
             out = inner(*args, **kwargs)
         finally:
             for g, lam in zip(groups, saved, strict=True):
-                if lam is not None and g.get("weight_decay") == 0.0:  # a value written during the step wins
+                # the engine's own zero (by identity: a 0.0 the user wrote after the closure is theirs) is put back
+                if lam is not None and g.get("weight_decay") is _TAKEN:
                     g["weight_decay"] = lam
         if not self.paused:
             self._decay(saved)
         return out
 
-    def _snapshot_around_closure(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        """Copy the parameters before the optimizer's update: after its closure's first call, if it has one."""
+    def _take_written_lambdas(self) -> None:
+        """A λ written into a group during the optimizer's closure (a schedule in Lightning's
+        ``on_before_optimizer_step``, a ``training_step``) is this step's λ: the engine takes it, and
+        the optimizer, which reads the group after the closure, still sees 0 and does not decay twice."""
+        for i, g in enumerate(self.optimizer.param_groups):
+            if i < len(self._saved) and "weight_decay" in g and g["weight_decay"] is not _TAKEN:
+                self._saved[i] = g["weight_decay"]
+                g["weight_decay"] = _TAKEN
+
+    def _around_closure(self, args: tuple[Any, ...], kwargs: dict[str, Any], snapshot: bool) -> tuple[Any, ...]:
+        """Wrap the optimizer's closure, if it has one: after each call, take the λ written during it; after
+        the first, copy the parameters from before the update (``snapshot``). Without a closure, copy now."""
         closure = kwargs.get("closure", args[0] if args else None)
         if closure is None:
-            self._take_snapshot()
+            if snapshot:
+                self._take_snapshot()
             return args, kwargs
-        taken = False
+        taken = not snapshot
 
         def closure_then_snapshot() -> Any:
             nonlocal taken
             loss = closure()
+            self._take_written_lambdas()
             if not taken:  # LBFGS calls it again after updating: the first call is the one before the step
                 taken = True
                 self._take_snapshot()
@@ -1055,7 +1109,7 @@ class WeightDecay:
 
     @torch.no_grad()
     def _decay(self, saved: list[Any]) -> None:
-        multiplier = self._multiplier(self.steps)
+        multiplier = self._multiplier()
         found_inf = getattr(self.optimizer, "found_inf", None)
         snapshot, self._snapshot = self._snapshot, None
         for index, bucket in enumerate(self._buckets):
@@ -1141,7 +1195,7 @@ class WeightDecay:
                 for part in parts:
                     part.before.clear()
             bucket.last_wd, bucket.last_step = wd, step
-        self.steps += 1
+        self._count(found_inf)
 
     @staticmethod
     def _mask(part: _Part, ref: list[Tensor] | None) -> list[Tensor]:
@@ -1304,7 +1358,7 @@ class WeightDecay:
         _flag(diagnostics, "diagnostics")
         self._refresh()
         out: dict[str, Tensor | float] = {}
-        multiplier = self._multiplier(self.steps)
+        multiplier = self._multiplier()
         for b in self._buckets:
             name = b.name
             if param_norm:

@@ -172,6 +172,41 @@ def test_grad_scaler_skips_the_decay_with_the_step():
     torch.testing.assert_close(net[0].weight.detach(), (before["0.weight"] - LR * grad) * (1 - LR * WD))
 
 
+def test_a_fused_optimizer_step_the_scaler_skips_is_neither_decayed_nor_counted():
+    """A fused optimizer is stepped by the scaler even on overflow (it skips itself, told by
+    ``found_inf``): such a step must not advance the λ schedule either."""
+    net = model()
+    opt = torch.optim.AdamW(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=LR, fused=True)
+    engine = lwd.WeightDecay(opt, schedule=schedules.LinearWarmup(warmup_steps=4))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    data = batches(3)
+    for step, (x, y) in enumerate(data):
+        opt.zero_grad()
+        scaler.scale(loss_of(net, x, y)).backward()
+        if step == 1:
+            net[0].weight.grad[0, 0] = math.inf  # an overflow: the scaler skips the step
+            before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        if step == 2:
+            before = {n: p.detach().clone() for n, p in net.named_parameters()}
+            grad = net[0].weight.grad.detach().clone() / scaler.get_scale()
+            state = copy.deepcopy(opt.state[net[0].weight])
+        scaler.step(opt)
+        scaler.update()
+        if step == 1:
+            for n, p in net.named_parameters():
+                assert torch.equal(p, before[n]), n
+    assert engine.steps == 2
+    assert engine.state_dict()["steps"] == 2
+    # the third batch is the second real step (one counted before it): warm-up multiplier 1/4, after
+    # AdamW's own update (by hand)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    m = beta1 * state["exp_avg"] + (1 - beta1) * grad
+    v = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad
+    t = int(state["step"]) + 1
+    adam = before["0.weight"] - LR * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+    torch.testing.assert_close(net[0].weight.detach(), adam * (1 - LR * WD * 1 / 4), rtol=1e-5, atol=1e-7)
+
+
 def test_lambda_is_the_groups_own_weight_decay_outside_the_step_and_zero_inside():
     net = model()
     opt = torch.optim.AdamW(lwd.build_param_groups(net, lwd.presets.standard(WD)), lr=LR)
@@ -222,6 +257,46 @@ def test_a_lambda_written_during_training_is_followed_at_the_next_step():
     opt.step()
     torch.testing.assert_close(net[0].weight.detach(), (before - LR * grad) * (1 - LR * 0.9))
     assert engine.metrics()["decay/weight_decay"] == 0.9
+
+
+@pytest.mark.parametrize("written", [0.0, 0.05, 0.9])
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+def test_a_lambda_written_inside_the_closure_is_that_steps_lambda_applied_once(optimizer, written):
+    """Lightning runs training_step, backward and on_before_optimizer_step inside `optimizer.step(closure)`:
+    a λ schedule written there is the λ of that step, the optimizer's own update still carries no decay,
+    and the written value (0.0 too) stays in the group afterwards."""
+    net, data = model(), batches(3)
+    make = {"SGD": lambda g: torch.optim.SGD(g, lr=LR, momentum=0.9), "AdamW": lambda g: torch.optim.AdamW(g, lr=LR)}
+    opt = make[optimizer](lwd.build_param_groups(net, lwd.presets.standard(WD)))
+    lwd.WeightDecay(opt)
+    ref_net = copy.deepcopy(net)
+    ref_opt = make[optimizer]([{"params": [p], "weight_decay": 0.0} for p in ref_net.parameters()])
+    decayed = {id(p) for p in opt.param_groups[1]["params"]}
+    ref_decayed = [q for p, q in zip(net.parameters(), ref_net.parameters(), strict=True) if id(p) in decayed]
+    seen = []
+    for step, (x, y) in enumerate(data):
+        lam = WD if step == 0 else written
+
+        def closure(x=x, y=y, lam=lam):
+            opt.zero_grad()
+            loss = loss_of(net, x, y)
+            loss.backward()
+            opt.param_groups[1]["weight_decay"] = lam  # a schedule in on_before_optimizer_step
+            return loss
+
+        opt.step(closure)
+        seen.append(opt.param_groups[1]["weight_decay"])
+        # the reference: the optimizer without decay, then p <- p (1 - lr λ_t) on the decayed tensors
+        ref_opt.zero_grad()
+        loss_of(ref_net, x, y).backward()
+        ref_opt.step()
+        with torch.no_grad():
+            for q in ref_decayed:
+                q.mul_(1 - LR * lam)
+    for p, q in zip(net.parameters(), ref_net.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+    assert seen == [WD, written, written]
+    assert opt.param_groups[0]["weight_decay"] == 0.0
 
 
 def test_a_step_above_one_is_clamped_with_one_warning_and_never_flips_signs():
