@@ -250,6 +250,28 @@ class WeightDecayCallback(Callback):
             check_engine_state(engine, f"state_dict['engines'][{i}]")
         self._loaded = [dict(e) for e in engines]
 
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Resume the step count of a checkpoint written with other ``mode``, ``ord`` or ``cautious``.
+
+        Those options are part of ``state_key``, so Lightning alone would start such a resume from
+        step 0, and a λ schedule from its start. Where the checkpoint holds exactly one state of this
+        class that no callback of the trainer claims, it is this callback's, and it is restored.
+        """
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states:
+            return
+        claimed = {cb.state_key for cb in getattr(trainer, "callbacks", []) if isinstance(cb, WeightDecayCallback)}
+        prefix = type(self).__name__ + "{"
+        unclaimed = [key for key in states if isinstance(key, str) and key.startswith(prefix) and key not in claimed]
+        if len(unclaimed) != 1:
+            return
+        states[self.state_key] = states[unclaimed[0]]
+        rank_zero_warn(
+            f"The checkpoint's weight decay state was written by {unclaimed[0]}; this run's callback is"
+            f" {self.state_key}. Its step count (and a λ schedule's position) carries over to the new options."
+        )
+
     # ------------------------------------------------------------------ set-up
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

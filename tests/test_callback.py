@@ -22,6 +22,7 @@ from tests.callback_helpers import (
     DECAYED,
     LR,
     WD,
+    Net,
     PlainNet,
     StepRecorder,
     TwoOptNet,
@@ -393,7 +394,51 @@ def test_resume_is_bitwise_identical(tmp_path, cb_kwargs):
     assert cb.engines[0].steps == 10
 
 
+@pytest.mark.parametrize("changed", [dict(mode="lr_ratio"), dict(cautious=True), dict(ord=1)])
+def test_a_resume_with_other_decay_options_keeps_the_step_count_and_says_so(tmp_path, changed):
+    """mode, ord and cautious are part of state_key: the checkpoint's one unclaimed state is still this
+    callback's, so a λ schedule goes on from where it was instead of restarting."""
+    first = dict(mode="decoupled", schedule=schedules.LinearWarmup(warmup_steps=20))
+    ckpt = str(tmp_path / "half.ckpt")
+    _fit_and_params(tmp_path / "b", 1, None, first, save=ckpt)
+    with pytest.warns(UserWarning, match=r"carries over to the new options"):
+        _, cb = _fit_and_params(tmp_path / "c", 2, ckpt, {**first, **changed})
+    assert cb.engines[0].steps == 10
+    assert cb.engines[0]._multiplier() == pytest.approx(10 / 20)
+
+
 def test_two_instances_keep_separate_state(tmp_path):
     a = lwd.WeightDecayCallback(mode="decoupled", rules=lwd.presets.standard(0.1))
     b = lwd.WeightDecayCallback(mode="independent", rules=lwd.presets.standard(0.0))
     assert a.state_key != b.state_key
+
+
+class _WriteLambdaBeforeStep(L.Callback):
+    """A hand-written λ schedule: the decayed group's weight_decay set in on_before_optimizer_step,
+    which Lightning runs inside ``optimizer.step(closure)``."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        optimizer.param_groups[1]["weight_decay"] = self.values[trainer.global_step]
+
+
+def test_a_lambda_schedule_written_in_on_before_optimizer_step_decays_once_with_that_steps_value(tmp_path):
+    values = [0.3, 0.0, 0.5, 0.5, 0.1]
+    module = WDNet(optimizer=partial(torch.optim.AdamW, lr=LR))
+    ref = Net()
+    ref.load_state_dict(module.net.state_dict())
+    trainer(tmp_path, [_WriteLambdaBeforeStep(values), lwd.WeightDecayCallback(mode="decoupled")]).fit(module, loader())
+    # the reference: AdamW without decay, then p <- p (1 - lr λ_t) on the two weights, λ_t as written
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
+    for step, (x, y) in enumerate(loader()):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            for w in (ref.fc1.weight, ref.fc2.weight):
+                w.mul_(1 - LR * values[step])
+    for (name, p), q in zip(module.net.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6, msg=name)
+    assert [g["weight_decay"] for g in module.trainer.optimizers[0].param_groups] == [0.0, values[-1]]
