@@ -22,6 +22,7 @@ from lightning_wd.engine import migrate_legacy_groups_
 from lightning_wd.functional import group_by_device_and_dtype, make_contiguous_
 from lightning_wd.plan import PLANNED_KEY, DecayPlan, PlanError, _check_plan_options, _check_rules
 from lightning_wd.rules import DecayRule
+from lightning_wd.trace import is_sharded
 
 __all__ = ["OptimizerSpec", "WDMixin"]
 
@@ -680,7 +681,8 @@ def _split_by_rules(
 
 
 def _example_inputs(module: Any) -> Any:
-    """The module's ``example_input_array`` to trace the roles with, or None when ``trace_roles`` is False.
+    """The module's ``example_input_array`` to trace the roles with, or None when ``trace_roles`` is False
+    (or, with a warning, when the module is sharded: it can no longer be traced).
 
     Raises:
         TypeError: if ``trace_roles`` is not a bool.
@@ -691,7 +693,16 @@ def _example_inputs(module: Any) -> Any:
             f"`trace_roles` must be True or False, got {type(flag).__name__} {flag!r}. Pass a bool: True to take"
             " the roles from a forward pass on `example_input_array`, False to take them from structure."
         )
-    return getattr(module, "example_input_array", None) if flag else None
+    inputs = getattr(module, "example_input_array", None) if flag else None
+    if inputs is not None and (is_sharded(module) or is_sharded(_planned(module))):
+        rank_zero_warn(
+            f"{type(module).__name__}'s `example_input_array` is not traced: the module is sharded (FSDP) by the"
+            " time configure_optimizers runs, and a forward pass on it would run the sharding's gathers. The"
+            " parameters' roles come from structure (module classes, names, shapes). Set `trace_roles = False`"
+            " on the module to silence this."
+        )
+        return None
+    return inputs
 
 
 def _lr_attribute(module: Any) -> float | None:
@@ -773,6 +784,14 @@ def _call_factory(factory: Callable[[Any], Any], arg: Any, argument: str) -> Any
     except (TypeError, ValueError) as err:
         kind = TypeError if isinstance(err, TypeError) else ValueError
         what = "parameter groups" if argument.endswith("optimizer") else "optimizer"
+        if what == "parameter groups" and "per-parameter options" in str(err):  # torch's LBFGS
+            raise kind(
+                f"`{argument}` raised {type(err).__name__}({err}): this optimizer takes a single group of"
+                " parameters, and WDMixin builds one group per decay value. Build it in your own"
+                " configure_optimizers over self.parameters() (with weight_decay=0.0) and pass"
+                " WeightDecayCallback(rules=...) to the Trainer: it decays the tensors the rules select, within"
+                " that one group."
+            ) from err
         raise kind(
             f"`{argument}` raised {type(err).__name__}({err}) when called with the {what}. Make it a callable that"
             f" takes the {what} alone and has valid values for everything else (bind them with functools.partial,"

@@ -445,7 +445,8 @@ class DecayPlan:
             example_inputs: What ``module``'s forward takes (a tuple is positional arguments, a dict
                 keywords), to trace one forward pass (no grad, on the meta device where possible) and take
                 each parameter's role from how it is used (``lightning_wd.trace``); parameters the pass
-                does not use are decided from structure. None: every role from structure.
+                does not use are decided from structure. None: every role from structure. A sharded
+                module (FSDP1, FSDP2) cannot be traced: leave it out, or trace the unsharded model.
             trace: A trace made earlier with ``lightning_wd.trace.trace_roles``, instead of
                 ``example_inputs``.
 
@@ -458,7 +459,9 @@ class DecayPlan:
                 ``FullyShardedDataParallel`` unit wraps ``module`` from outside (plan the wrapper), on
                 rules that share a group with different settings, on a rule claiming nothing when
                 ``strict``, or when there is no trainable parameter; when the forward pass on
-                ``example_inputs`` raises on the meta device and on the module's own; when both
+                ``example_inputs`` raises on the meta device and on the module's own; when
+                ``example_inputs`` are given for a sharded module (FSDP1, FSDP2 or DTensor parameters:
+                ``lightning_wd.trace.is_sharded``), before any forward pass; when both
                 ``example_inputs`` and ``trace`` are given. TypeError if ``trace`` is not a RoleTrace.
 
         Examples:

@@ -14,10 +14,15 @@ parameter how it meets the data:
   head is an embedding.
 * ``"other"``: any other use against data.
 
-Parameter-only math is followed back to the parameters: views, reshapes, transposes, chunks,
+Parameter math is followed back to the parameters: views, reshapes, transposes, chunks,
 casts, parametrizations, weight norm (whose magnitude is a scale, ``"other"``) and low-rank merges
-(``A @ B`` used as a weight makes both linear). A stack of matrices indexed by data (the experts of
-a mixture of experts) takes the role of the rows it gives.
+(``A @ B`` used as a weight makes both linear). A tensor that does not depend on the forward's inputs
+(a buffer, a tensor attribute of a submodule, or a tensor computed from those alone) takes part in
+parameter math as a constant would: ``F.linear(x, w * mask)`` with a registered ``mask`` makes ``w`` a
+linear weight (pruning's ``weight_orig * weight_mask``, NoisyNet's ``mu + sigma * epsilon``, the
+fake quantization of quantization-aware training). Lookups are the exception: a table indexed by a
+buffer (``position_ids``, a relative-position index) is still looked up. A stack of matrices indexed by
+data (the experts of a mixture of experts) takes the role of the rows it gives.
 
 The pass runs on the ``meta`` device where it can (the parameters and inputs are replaced by
 shape-only tensors, so a large model costs no memory) and on the module's own device when an op
@@ -47,6 +52,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -58,7 +64,9 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["ROLES", "ParamUse", "RoleTrace", "TraceError", "TracedRole", "trace_roles"]
+from lightning_wd._compat import DTENSOR_TYPES
+
+__all__ = ["ROLES", "ParamUse", "RoleTrace", "TraceError", "TracedRole", "is_sharded", "trace_roles"]
 
 Role = Literal["linear", "embedding", "other"]
 #: The roles a trace assigns, in the order that decides between several uses of one parameter.
@@ -82,6 +90,8 @@ _ADDITIVE_OPS = frozenset({"addmm", "addbmm", "baddbmm", "addmv"})
 _EMBEDDING_OPS = frozenset({"embedding", "embedding_bag"})
 #: Lookups of ``self`` by an index tensor.
 _INDEX_OPS = frozenset({"getitem", "index_select", "take", "gather", "take_along_dim"})
+#: Ops whose other operands select from a parameter: an index there is data, even a buffer of indices.
+_LOOKUP_OPS = _EMBEDDING_OPS | _INDEX_OPS | {"index_add", "index_copy", "index_fill", "scatter", "scatter_add"}
 #: Fused recurrent and attention kernels: operands of two or more dimensions are weights.
 _FUSED_OPS = frozenset(
     {"lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"}
@@ -340,10 +350,16 @@ class _Tracer(TorchFunctionMode):
         super().__init__()
         # tensor -> (indices of the parameters it is computed from, whether it is a stack indexed by data)
         self.derived: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        # tensors that do not depend on the forward's inputs: buffers, tensor attributes, and what is
+        # computed from those alone (tensor -> True)
+        self.static: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self.uses: list[Counter[tuple[Role, str]]] = [Counter() for _ in range(n_params)]
 
     def seed(self, index: int, tensor: Tensor) -> None:
         self.derived[tensor] = (frozenset((index,)), False)
+
+    def seed_static(self, tensor: Tensor) -> None:
+        self.static[tensor] = True
 
     def __torch_function__(
         self,
@@ -359,7 +375,21 @@ class _Tracer(TorchFunctionMode):
         infos = [self.derived.get(t) for _, t in operands]
         if any(info is not None for info in infos):
             self._record(func, args, kwargs, operands, infos, out)
+        else:
+            self._follow_static(func, operands, out)
         return out
+
+    def _follow_static(self, func: Callable[..., Any], operands: list[tuple[Any, Tensor]], out: Any) -> None:
+        """A result computed from tensors that do not depend on the inputs does not either; an op that
+        writes data into such a tensor in place (a cache) makes it data."""
+        if _op_name(func) in _LIKE_OPS:
+            operands = [(slot, t) for slot, t in operands if slot == ("pos", 0)]
+        static = bool(operands) and all(t in self.static for _, t in operands)
+        for _, tensor in _tensors(out, ()):
+            if static:
+                self.static[tensor] = True
+            else:
+                self.static.pop(tensor, None)
 
     def _record(
         self,
@@ -392,11 +422,14 @@ class _Tracer(TorchFunctionMode):
                 if info is not None:
                     weight = slot[:2] in (("pos", position), ("kw", keyword))
                     use(info, "linear" if weight else "embedding" if info[1] else "other")
-        elif all(info is not None or _constant_factor(name, t) for (_, t), info in zip(operands, infos, strict=True)):
+        elif all(info is not None or self._constant(name, t) for (_, t), info in zip(operands, infos, strict=True)):
             # A 0-dim tensor that no parameter gives is a constant, as a Python number would be: peft's
             # LoHa scales the merged weight by torch.tensor(1) before it becomes the weight of a layer.
+            # So is a tensor that does not depend on the inputs: a pruning mask, a noise buffer, the
+            # scale and zero point of a fake quantization.
+            size = max((t.numel() for _, t in operands), default=0)
             kept = [(o, info) for o, info in zip(operands, infos, strict=True) if info is not None]
-            self._parameter_math(name, [o for o, _ in kept], [info for _, info in kept], out, use)
+            self._parameter_math(name, [o for o, _ in kept], [info for _, info in kept], out, use, size)
         elif name in _EMBEDDING_OPS:
             # torch.nn.functional.embedding(input, weight), but torch.embedding(weight, input)
             table = ("pos", 1) if func in (F.embedding, F.embedding_bag) else ("pos", 0)
@@ -435,13 +468,16 @@ class _Tracer(TorchFunctionMode):
         infos: list[Any],
         out: Any,
         use: Callable[[Any, Role], None],
+        size: int,
     ) -> None:
-        """Every tensor operand comes from parameters: the result does too (a broadcast factor is a scale)."""
+        """Every tensor operand comes from parameters or is a constant: the result comes from the parameters
+        (a broadcast factor, smaller than the largest of the op's ``size`` elements, is a scale)."""
         sources: set[int] = set()
         stacked = False
-        size = max((t.numel() for _, t in operands), default=0)
-        for (_, tensor), info in zip(operands, infos, strict=True):
-            if name in _ELEMENTWISE_OPS and len(operands) > 1 and tensor.numel() < size:
+        for i, ((_, tensor), info) in enumerate(zip(operands, infos, strict=True)):
+            others = frozenset().union(*(other[0] for j, other in enumerate(infos) if j != i))
+            # a factor computed from the same parameters is a normalization (spectral norm's W / sigma(W))
+            if name in _ELEMENTWISE_OPS and tensor.numel() < size and not info[0] <= others:
                 use(info, "other")
                 continue
             sources |= info[0]
@@ -454,10 +490,12 @@ class _Tracer(TorchFunctionMode):
         for _, tensor in _tensors(out, ()):
             self.derived[tensor] = (sources, stacked)
 
-
-def _constant_factor(name: str, tensor: Tensor) -> bool:
-    """Whether ``tensor`` in an elementwise op is a 0-dim constant (a scale), not data."""
-    return name in _ELEMENTWISE_OPS and tensor.dim() == 0
+    def _constant(self, name: str, tensor: Tensor) -> bool:
+        """Whether ``tensor``, which no parameter gives, is a constant of ``name`` rather than data: a 0-dim
+        factor of an elementwise op, or (in any op but a lookup) a tensor that does not depend on the inputs."""
+        if name in _ELEMENTWISE_OPS and tensor.dim() == 0:
+            return True
+        return name not in _LOOKUP_OPS and tensor in self.static
 
 
 @functools.lru_cache(maxsize=8)
@@ -476,6 +514,62 @@ def _weight_slots(func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mappi
     names = list(sig.parameters)
     slots = {("pos", i) for i, n in enumerate(names[: len(args)]) if "weight" in n}
     return slots | {("kw", k) for k in kwargs if "weight" in k}
+
+
+# ------------------------------------------------------------------------------ sharded modules
+def _sharding(module: nn.Module) -> str | None:
+    """What shards ``module``, in words (FSDP1 or FSDP2 / DTensor), or None when nothing does."""
+    if "torch.distributed" not in sys.modules:  # no sharding without torch.distributed imported
+        return None
+    if "torch.distributed.fsdp" in sys.modules:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        fsdp2: tuple[type, ...] = tuple(
+            c for c in [getattr(sys.modules["torch.distributed.fsdp"], "FSDPModule", None)] if c
+        )
+        for name, mod in module.named_modules():
+            if isinstance(mod, FullyShardedDataParallel):
+                return f"FSDP1: a FullyShardedDataParallel unit at {name or '<root>'!r}"
+            if fsdp2 and isinstance(mod, fsdp2):
+                return f"FSDP2: `fully_shard` applied to {name or '<root>'!r}"
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if getattr(param, "_fsdp_flattened", False) is True or getattr(param, "_is_flat_param", False) is True:
+            return f"FSDP1: parameter {name!r} is, or is a view of, a flat parameter"
+        if DTENSOR_TYPES and isinstance(param, DTENSOR_TYPES):
+            return f"DTensor parameters: {name!r} is a DTensor"
+    return None
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` is sharded (FSDP1 units or flat parameters, FSDP2 ``fully_shard`` or DTensor
+    parameters), which ``trace_roles`` cannot trace: decide the roles from structure instead.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_wd.trace import is_sharded
+        >>> is_sharded(torch.nn.Linear(4, 4))
+        False
+    """
+    return _sharding(module) is not None
+
+
+def _refuse_sharded(module: nn.Module) -> None:
+    """Raise TraceError when ``module`` is sharded: its forward runs the wrapper's gathers, not the model's math."""
+    what = _sharding(module)
+    if what is None:
+        return
+    fix = (
+        "trace the model before wrapping it (FSDP1 keeps the same parameters: pass"
+        " `trace=lightning_wd.trace.trace_roles(model, inputs)` made then), or "
+        if what.startswith("FSDP1")
+        else ""
+    )
+    raise TraceError(
+        f"`example_inputs` were given for a sharded module ({type(module).__name__}; {what}): tracing"
+        " a sharded module is not supported, its forward runs the sharding's gathers and its parameters hold"
+        f" shards. To fix it, {fix}leave `example_inputs` out to decide every role from structure (in a"
+        " LightningModule using WDMixin, set `trace_roles = False`)."
+    )
 
 
 # ------------------------------------------------------------------------------ running the pass
@@ -536,6 +630,8 @@ def _run(
         seeds = [p for _, p in params]
     for i, tensor in enumerate(seeds):
         tracer.seed(i, tensor)
+    for tensor in [*(values[n] for n in buffers), *_tensor_attributes(module)]:
+        tracer.seed_static(tensor)
     args, kwargs = _call_args(inputs)
     cuda = sorted({p.device.index or 0 for _, p in params if p.device.type == "cuda"})
     with _attributes_kept(module), torch.random.fork_rng(devices=cuda), torch.no_grad(), tracer:
@@ -544,6 +640,14 @@ def _run(
 
 
 _ABSENT = object()
+
+
+def _tensor_attributes(module: nn.Module) -> Iterator[Tensor]:
+    """Tensors that submodules hold as plain attributes (a mask or a table not registered as a buffer)."""
+    for mod in module.modules():
+        for value in vars(mod).values():
+            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+                yield value
 
 
 @contextlib.contextmanager
@@ -581,7 +685,8 @@ def trace_roles(module: nn.Module, example_inputs: Any, *, device: Device = "aut
     """Run one forward pass of ``module`` on ``example_inputs`` and record each parameter's role.
 
     Args:
-        module: The model. Compiled and data-parallel wrappers are looked through.
+        module: The model. Compiled and data-parallel wrappers are looked through; a sharded model
+            (FSDP1, FSDP2) is refused.
         example_inputs: What the forward takes, as Lightning's ``example_input_array``: a tuple or
             list is passed as positional arguments, a dict as keyword arguments, anything else as the
             one argument. Only shapes and dtypes matter on the meta device.
@@ -595,7 +700,8 @@ def trace_roles(module: nn.Module, example_inputs: Any, *, device: Device = "aut
         TypeError: if ``module`` is not an ``nn.Module``.
         ValueError: if ``example_inputs`` is None or ``device`` is not one of the choices.
         TraceError: (a ValueError) if the forward pass raises on every device tried; the message
-            gives each error.
+            gives each error. Also, before any forward pass, if ``module`` is sharded (FSDP1 units or
+            flat parameters, FSDP2 ``fully_shard`` or DTensor parameters; see ``is_sharded``).
 
     Examples:
         >>> import torch, lightning_wd as lwd
@@ -624,6 +730,7 @@ def trace_roles(module: nn.Module, example_inputs: Any, *, device: Device = "aut
         )
     if device not in _DEVICES:
         raise ValueError(f"`device` must be one of {', '.join(map(repr, _DEVICES))}, got {device!r}.")
+    _refuse_sharded(module)
     target = _unwrap(module)
     params = list(target.named_parameters())
     tries = [True, False] if device == "auto" else [device == "meta"]

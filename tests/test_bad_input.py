@@ -452,6 +452,11 @@ for value, error, match in [
     ),
     (partial(torch.optim.AdamW, lrr=0.1), TypeError, "raised TypeError.*unexpected keyword.*bind them"),
     (partial(torch.optim.SGD, lr=-1.0), ValueError, "raised ValueError.*Invalid learning rate.*Make it a callable"),
+    (
+        partial(torch.optim.LBFGS, lr=0.5),
+        ValueError,
+        "per-parameter options.*takes a single group.*WeightDecayCallback\\(rules=",
+    ),
 ]:
     case("WDMixin", "optimizer", configure, dict(model=Fresh(mixin, optimizer=value)), error, match)
 case("WDMixin", "optimizer", fit, dict(model=Fresh(mixin, optimizer="sgd")), TypeError, "must be a callable")

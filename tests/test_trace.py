@@ -748,3 +748,187 @@ def test_a_model_built_on_meta_is_traced_without_storage():
     assert plan.trace.device == "meta" and plan.trace.fallback is None
     assert decayed(plan) == set(FreeMatrices.DECAYED)
     assert all(p.is_meta for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------ weights combined with buffers
+class MaskedLinear(nn.Linear):
+    """MADE's masked layer: the weight times a registered mask buffer is the weight of the layer."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__(i, o)
+        self.register_buffer("mask", torch.tril(torch.ones(o, i)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class NoisyLinear(nn.Module):
+    """NoisyNet: ``mu + sigma * epsilon`` with ``epsilon`` a buffer is the weight of the layer."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__()
+        self.weight_mu = nn.Parameter(torch.randn(o, i) / math.sqrt(i))
+        self.weight_sigma = nn.Parameter(torch.full((o, i), 0.017))
+        self.register_buffer("weight_epsilon", torch.randn(o, i))
+        self.bias_mu = nn.Parameter(torch.zeros(o))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_mu + self.weight_sigma * self.weight_epsilon, self.bias_mu)
+
+
+class ScaledByData(nn.Module):
+    """A weight multiplied by an input before the layer: combined with data, so not a weight by the trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x: Tensor, s: Tensor) -> Tensor:
+        return F.linear(x, self.w * s)
+
+
+class BufferPositions(nn.Module):
+    """A position table looked up by a registered index buffer (Hugging Face's ``position_ids``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Embedding(6, 8)
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("position_ids", torch.arange(6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x + self.pos(self.position_ids[: x.shape[1]]))
+
+
+def _pruned() -> nn.Module:
+    from torch.nn.utils import prune
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    return model
+
+
+def _qat() -> nn.Module:
+    import torch.ao.quantization as tq
+
+    model = nn.Sequential(tq.QuantStub(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4), tq.DeQuantStub()).train()
+    model.qconfig = tq.get_default_qat_qconfig("fbgemm")
+    with pytest.warns((DeprecationWarning, UserWarning)):
+        return tq.prepare_qat(model)
+
+
+#: (model, the decayed names, written from the definitions): a weight combined with a buffer is still a weight.
+WITH_BUFFERS = {
+    "prune": (_pruned, {"0.weight_orig", "2.weight"}),
+    "masked": (lambda: nn.Sequential(MaskedLinear(8, 8), nn.ReLU(), MaskedLinear(8, 4)), {"0.weight", "2.weight"}),
+    "noisy": (lambda: NoisyLinear(8, 4), {"weight_mu", "weight_sigma"}),
+    "qat": (_qat, {"1.weight", "3.weight"}),
+}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("device", ["meta", "module"])
+@pytest.mark.parametrize("case", list(WITH_BUFFERS))
+def test_a_weight_combined_with_a_buffer_is_a_linear_weight(case, device):
+    build, expected = WITH_BUFFERS[case]
+    model = build()
+    trace = trace_roles(model, torch.randn(2, 8), device=device)
+    plan = lwd.DecayPlan.from_module(model, presets.standard(0.1), trace=trace)
+    assert decayed(plan) == expected
+    for name in expected:
+        assert trace.get(model.get_parameter(name)).evidence == "weight of `linear` in 1 call", name
+
+
+def test_a_weight_combined_with_an_input_is_not_a_weight_and_a_buffer_index_is_a_lookup():
+    model = ScaledByData()
+    assert trace_roles(model, (torch.randn(2, 8), torch.randn(4, 8))).get(model.w).evidence == (
+        "operand of `mul` in 1 call"
+    )
+    positions = BufferPositions()
+    trace = trace_roles(positions, torch.randn(2, 3, 8))
+    assert trace.get(positions.pos.weight).evidence == "looked up by `embedding` in 1 call"
+    assert trace.get(positions.fc.weight).role == "linear"
+
+
+# ------------------------------------------------------------------------------ sharded modules
+@pytest.fixture
+def gloo_group():
+    """A process group of this one process over gloo on the CPU (what FSDP1 and FSDP2 need)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch built without torch.distributed")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _three_layers() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_tracing_an_fsdp1_module_is_refused_before_its_forward_and_a_trace_made_before_applies(gloo_group):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = _three_layers()
+    trace = trace_roles(model, torch.randn(4, 6))
+    wrapped = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
+    assert lwd.trace.is_sharded(wrapped) and lwd.trace.is_sharded(wrapped.module)
+    with pytest.raises(lwd.PlanError) as err:
+        lwd.DecayPlan.from_module(wrapped, presets.standard(0.1), example_inputs=torch.randn(4, 6))
+    message = str(err.value)
+    assert "`example_inputs`" in message and "tracing a sharded module is not supported" in message
+    assert "FSDP1: a FullyShardedDataParallel unit at '<root>'" in message
+    assert "`trace=" in message and "leave `example_inputs` out" in message and "`trace_roles = False`" in message
+    plan = lwd.DecayPlan.from_module(wrapped, presets.standard(0.1), trace=trace)
+    assert decayed(plan) == {"0.weight", "2.weight"}
+    assert decayed(lwd.DecayPlan.from_module(wrapped, presets.standard(0.1))) == {"0.weight", "2.weight"}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_the_mixin_does_not_trace_a_sharded_module_and_says_so(gloo_group):
+    """Under Lightning's FSDP strategies configure_optimizers runs after wrapping: WDMixin's implicit trace of
+    `example_input_array` would see the sharding's bookkeeping, so it takes the roles from structure and warns."""
+    import lightning as L
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class Lit(lwd.WDMixin, L.LightningModule):
+        decay_rules = presets.standard(0.1)
+        show_decay_plan = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = FullyShardedDataParallel(_three_layers(), use_orig_params=True, device_id=torch.device("cpu"))
+            self.example_input_array = torch.randn(4, 6)
+
+    module = Lit()
+    with pytest.warns(UserWarning, match=r"`example_input_array` is not traced: the module is sharded"):
+        optimizer = module.configure_optimizers()
+    groups = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    decayed_ids = {id(p) for g in groups.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n.replace("_fsdp_wrapped_module.", "") for n, p in module.named_parameters() if id(p) in decayed_ids}
+    assert names == {"net.0.weight", "net.2.weight"}
+
+
+def test_tracing_an_fsdp2_module_is_refused_naming_the_sharding_not_the_inputs(gloo_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _three_layers()
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert lwd.trace.is_sharded(model) and lwd.trace.is_sharded(model[0]) and not lwd.trace.is_sharded(_three_layers())
+    with pytest.raises(lwd.PlanError) as err:
+        lwd.build_param_groups(model, presets.standard(0.1), example_inputs=torch.randn(4, 6))
+    message = str(err.value)
+    assert "`example_inputs`" in message and "tracing a sharded module is not supported" in message
+    assert "FSDP2: `fully_shard` applied to '<root>'" in message and "Pass inputs the forward accepts" not in message
+    assert "leave `example_inputs` out" in message and "`trace_roles = False`" in message
+    groups = lwd.build_param_groups(model, presets.standard(0.1))
+    assert {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]} == {"0.weight", "2.weight"}
