@@ -15,8 +15,10 @@ When the plan is built with an example input (``DecayPlan.from_module(..., examp
 a parameter that the traced forward pass used takes its role from that use
 (``lightning_wd.trace``): ``is_linear_weight`` is true exactly for the weights of linear maps,
 ``is_embedding`` for tables looked up by data, and ``is_normalization``/``is_bias`` never claim
-either. Parameters the forward did not touch, and every parameter without a trace, are decided
-from structure as described here. ``role_of`` gives the role the predicates act on.
+either. A table that the forward read as a matrix operand stays a table: the weight of an embedding
+module (a codebook read by ``einsum``), or a free-standing tensor named as an embedding or position table
+(a relative-position table read by ``matmul``). Parameters the forward did not touch, and every parameter
+without a trace, are decided from structure as described here. ``role_of`` gives the role the predicates act on.
 
 Examples:
     >>> import torch, lightning_wd as lwd
@@ -35,6 +37,7 @@ import re
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_wd.rules import DecayRule, param_ndim
 from lightning_wd.trace import TracedRole, active_trace
@@ -56,12 +59,17 @@ _TORCH_NORMS: tuple[type, ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.Loca
 _TORCH_EMBEDDINGS: tuple[type, ...] = (nn.Embedding, nn.EmbeddingBag)
 _TORCH_LINEAR: tuple[type, ...] = (nn.Linear, nn.Bilinear, _ConvNd, nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
 
-_NORM_CLASS = re.compile(r"Norm(?!al(?!i[sz]))|Normali[sz]|^DyT$|DynamicTanh")
+# "Norm" or "Normalization" as a whole word of the class name, optionally with its dimensions (``BatchNorm2d``,
+# ``BatchNormNd``, ``GroupNorm32``), and not the first word of a linear map's name (``NormHead``,
+# ``NormLinear``); "Normalized..."/"Normed..." classes are maps with normalized rows.
+_NORM_CLASS = re.compile(
+    r"Norm(?:ali[sz]ation)?(?:\d+d?|Nd)?(?![a-z])(?!Head|Linear|Proj|Classifier|Dense|Conv)|^DyT$|DynamicTanh"
+)
 _EMBED_CLASS = re.compile(r"Embed(?:ding)?s?$|Embedding|PosEnc|PositionalEncoding")
 # Words (split on '_' and case changes) that mark a free-standing tensor as a token, a table,
 # a scale or another non-matrix role.
 _NO_DECAY_WORDS = re.compile(
-    r"^(embed\w*|emb|pos\w*|token\w*|tokens|cls|mask\w*|register\w*|table|tables|latent\w*|quer\w*|prompt\w*|"
+    r"^(embed\w*|emb|pos\w*|token\w*|tokens|cls|mask\w*|register\w*|table|tables|latent\w*|queries|prompt\w*|"
     r"scale\w*|gamma\w*|beta|alpha|temperature|temp|tau|log\w*|bias\w*|offset\w*|shift|codebook\w*|"
     r"memory|mem|anchor\w*|prior\w*|freq\w*|inv|mean|std|var)$"
 )
@@ -69,6 +77,9 @@ _NO_DECAY_WORDS = re.compile(
 # are often axes, as in SAM's ``rel_pos_w``): the latter decide only when no other word has a role.
 _WEIGHT_WORDS = re.compile(r"^(proj|projection|router|gate|experts?|fc|dense|qkv|mat|matrix|lora|head)$")
 _GENERIC_WORDS = re.compile(r"^(weight|weights|kernel|w\d*|wq|wk|wv|wo)$")
+# Words that name a table of positions or embeddings: they outweigh a trace that saw the tensor as a matrix
+# operand (relative-position tables read by ``matmul``, segment embeddings read by ``einsum``).
+_TABLE_WORDS = re.compile(r"^(embed\w*|emb|pos|position\w*|positional|table|tables)$")
 
 
 _ORIGINAL = re.compile(r"^original\d+$")
@@ -90,10 +101,13 @@ def _leaf(name: str) -> str:
 
 
 def _is_weight_norm_magnitude(name: str, module: nn.Module) -> bool:
-    """Whether ``name`` is the magnitude ``g`` (``original0``) of a ``weight_norm`` parametrization."""
+    """Whether ``name`` is the magnitude ``g`` of weight normalization: ``original0`` of a ``weight_norm``
+    parametrization, or ``<name>_g`` of the deprecated hook (``torch.nn.utils.weight_norm``), whose
+    direction ``<name>_v`` is decayed like the weight it replaces."""
     head, _, leaf = name.rpartition(".")
     if leaf != "original0":
-        return False
+        hooks = getattr(module, "_forward_pre_hooks", None) or {}
+        return any(isinstance(h, WeightNorm) and leaf == f"{h.name}_g" for h in hooks.values())
     plist = getattr(getattr(module, "parametrizations", None), head.rpartition(".")[2], None)
     return plist is not None and any(type(m).__name__ == "_WeightNorm" for m in plist)
 
@@ -147,9 +161,34 @@ def _traced(param: Tensor) -> TracedRole | None:
     return None if trace is None else trace.get(param)
 
 
-def _traced_as_map_or_table(param: Tensor) -> bool:
+def _traced_role(name: str, param: Tensor, module: nn.Module) -> str | None:
+    """The role the trace gives ``param``, or None where structure decides: where the forward did not use it,
+    and where it used as a matrix operand a tensor that structure knows as a table (the weight of an
+    embedding module, or a free-standing tensor named as an embedding or position table): a codebook read
+    by ``einsum`` or a relative-position table read by ``matmul`` stays a table, as a tied head's weight does.
+    """
     traced = _traced(param)
-    return traced is not None and traced.role != "other"
+    if traced is None:
+        return None
+    if traced.role == "linear" and (_is_embedding(module) or _named_as_table(name, module)):
+        return None
+    return traced.role
+
+
+def _named_as_table(name: str, module: nn.Module) -> bool:
+    """Whether a free-standing tensor's name says it is an embedding or position table (the head word decides)."""
+    if _holds_layer_weight(module) or _is_normalization(module):
+        return False
+    for word in reversed(_role_words(name, module)):
+        if _TABLE_WORDS.match(word):
+            return True
+        if _WEIGHT_WORDS.match(word) or _NO_DECAY_WORDS.match(word):
+            return False
+    return False
+
+
+def _traced_as_map_or_table(name: str, param: Tensor, module: nn.Module) -> bool:
+    return _traced_role(name, param, module) not in (None, "other")
 
 
 def is_embedding(name: str, param: Tensor, module: nn.Module) -> bool:
@@ -168,9 +207,9 @@ def is_embedding(name: str, param: Tensor, module: nn.Module) -> bool:
         True
     """
     _check_role_args(name, param, module)
-    traced = _traced(param)
+    traced = _traced_role(name, param, module)
     if traced is not None:
-        return traced.role == "embedding"
+        return traced == "embedding"
     return _is_embedding(module)
 
 
@@ -199,7 +238,7 @@ def is_normalization(name: str, param: Tensor, module: nn.Module) -> bool:
         True
     """
     _check_role_args(name, param, module)
-    if _traced_as_map_or_table(param):
+    if _traced_as_map_or_table(name, param, module):
         return False
     return _is_normalization(module)
 
@@ -229,7 +268,7 @@ def is_bias(name: str, param: Tensor, module: nn.Module) -> bool:
         TypeError: `name` must be the parameter's name as a string, got Parameter ...
     """
     _check_role_args(name, param, module)
-    if _traced_as_map_or_table(param):
+    if _traced_as_map_or_table(name, param, module):
         return False
     return _is_bias(name)
 
@@ -251,12 +290,15 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
     ``lora_A``). A tensor in a ``ParameterDict`` or ``ParameterList`` is named by its container
     (peft's ``lora_A.default`` is ``lora_A``). Matrices with other names (``U``, ``A``, ``mix``) need a
     trace. A parametrized weight counts as the weight it parametrizes (``x.weight``, or the direction
-    ``x.weight.original1`` of ``weight_norm``, whose magnitude ``original0`` is a scale). Biases,
+    ``x.weight.original1`` of ``weight_norm``, whose magnitude ``original0`` is a scale; likewise ``weight_v``
+    and ``weight_g`` of the deprecated ``torch.nn.utils.weight_norm``). A container named only
+    ``weights`` is named by its parent too (``position_embeddings.weights.0`` is a position table). Biases,
     normalization and embedding parameters, tensors with fewer than two dimensions, and
     free-standing tokens, position tables and scales are never linear weights. When the plan
     traced a forward pass that used ``param``, the trace decides instead: true exactly when
     ``param`` (or a tensor computed from parameters alone, such as a weight-normalized or
-    low-rank-merged matrix) was the weight operand of a linear map.
+    low-rank-merged matrix) was the weight operand of a linear map, unless structure knows it as a
+    table (an embedding module's weight, a free-standing tensor named as an embedding or position table).
 
     Raises:
         TypeError: if ``name`` is not a string, ``param`` not a tensor or ``module`` not an ``nn.Module``.
@@ -275,10 +317,27 @@ def is_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
         False
     """
     _check_role_args(name, param, module)
-    traced = _traced(param)
+    traced = _traced_role(name, param, module)
     if traced is not None:
-        return traced.role == "linear"
+        return traced == "linear"
     return _is_structural_linear_weight(name, param, module)
+
+
+def _role_words(name: str, module: nn.Module) -> tuple[str, ...]:
+    """The words of the name that says what a tensor is.
+
+    In a ``ParameterDict`` or ``ParameterList`` a key or index says nothing of the role; the container's
+    name does: peft keeps each adapter's tensor under the adapter's name (``q_proj.lora_A.default``,
+    ``lokr_w1.default``). A container named only "a weight" (``weights``) is named by its parent module
+    too: ``position_embeddings.weights.0`` is a table of positions.
+    """
+    if not (isinstance(module, (nn.ParameterDict, nn.ParameterList)) and "." in name):
+        return _words(_leaf(name))
+    container = name.rpartition(".")[0]
+    words = _words(_leaf(container))
+    if all(_GENERIC_WORDS.match(w) for w in words) and "." in container:
+        words = _words(_leaf(container.rpartition(".")[0])) + words
+    return words
 
 
 def _is_structural_linear_weight(name: str, param: Tensor, module: nn.Module) -> bool:
@@ -288,12 +347,7 @@ def _is_structural_linear_weight(name: str, param: Tensor, module: nn.Module) ->
         return False
     if _is_weight_norm_magnitude(name, module):
         return False
-    leaf = _leaf(name)
-    if isinstance(module, (nn.ParameterDict, nn.ParameterList)) and "." in name:
-        # A key or index says nothing of the role; the container's name does: peft keeps each
-        # adapter's tensor under the adapter's name (``q_proj.lora_A.default``, ``lokr_w1.default``).
-        leaf = _leaf(name.rpartition(".")[0])
-    words = _words(leaf)
+    words = _role_words(name, module)
     if _holds_layer_weight(module):
         # weight, weight_ih_l0, weight_hh_l0_reverse, weight_hr_l0, in_proj_weight, q_proj_weight, ...
         return "weight" in words
@@ -340,9 +394,9 @@ def role_of(name: str, param: Tensor, module: nn.Module) -> str:
         'other'
     """
     _check_role_args(name, param, module)
-    traced = _traced(param)
+    traced = _traced_role(name, param, module)
     if traced is not None:
-        return traced.role
+        return traced
     if _is_embedding(module):
         return "embedding"
     return "linear" if _is_structural_linear_weight(name, param, module) else "other"

@@ -247,3 +247,183 @@ def test_role_predicates_check_their_arguments_and_accept_what_the_plan_gives(pr
     ]:
         with pytest.raises(TypeError, match=rf"^`{argument}` must be"):
             predicate(*args)
+
+
+def groups_of(model: nn.Module, example_inputs: object = None) -> dict[str, str]:
+    """The group of every planned parameter under `standard`, by canonical name."""
+    plan = lwd.DecayPlan.from_module(model, presets.standard(0.05), example_inputs=example_inputs)
+    return {n: g.name for g in plan.groups for n in g.param_names}
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*:FutureWarning")
+def test_deprecated_weight_norm_hook_magnitude_is_not_decayed():
+    model = nn.Sequential(
+        nn.utils.weight_norm(nn.Linear(4, 8)), nn.utils.weight_norm(nn.Conv1d(8, 8, 3, padding=1), dim=2)
+    )
+    assert groups_of(model) == {
+        "0.bias": "no_decay",
+        "0.weight_g": "no_decay",  # (8, 1): the magnitude, a scale
+        "0.weight_v": "decay",  # (8, 4): the direction, decayed like the weight
+        "1.bias": "no_decay",
+        "1.weight_g": "no_decay",  # (1, 1, 3)
+        "1.weight_v": "decay",
+    }
+
+
+class NormHead(nn.Module):
+    """A linear head with normalized rows (as Baichuan-2's lm head): a linear map, not a normalization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(20, 8))
+
+
+class NormalizedLinear(NormHead):
+    """A cosine classifier."""
+
+
+class NormLinear(NormHead):
+    pass
+
+
+class GroupNorm32(nn.GroupNorm):
+    pass
+
+
+class FusedRMSNorm(nn.Module):
+    """A normalization class that does not subclass torch's, with a 2-D (per-group) gain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2, 4))
+
+
+class BatchNormNd(FusedRMSNorm):
+    pass
+
+
+class LayerNorm2d(FusedRMSNorm):
+    pass
+
+
+class LayerNormalization(FusedRMSNorm):
+    pass
+
+
+def test_normalization_class_names_are_whole_words():
+    model = nn.Sequential(
+        NormHead(), NormalizedLinear(), NormLinear(), GroupNorm32(2, 4), FusedRMSNorm(), BatchNormNd(),
+        LayerNorm2d(), LayerNormalization(),
+    )  # fmt: skip
+    assert groups_of(model) == {
+        "0.weight": "decay",
+        "1.weight": "decay",
+        "2.weight": "decay",
+        "3.weight": "no_decay",
+        "3.bias": "no_decay",
+        "4.weight": "no_decay",
+        "5.weight": "no_decay",
+        "6.weight": "no_decay",
+        "7.weight": "no_decay",
+    }
+
+
+class FreeAttention(nn.Module):
+    """Hand-written attention with free projection matrices, next to learned query tokens."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.W_query = nn.Parameter(torch.randn(d, d))
+        self.W_key = nn.Parameter(torch.randn(d, d))
+        self.W_value = nn.Parameter(torch.randn(d, d))
+        self.W_out = nn.Parameter(torch.randn(d, d))
+        self.query_weight = nn.Parameter(torch.randn(d, d))
+        self.q_proj = nn.Parameter(torch.randn(d, d))
+        self.query_tokens = nn.Parameter(torch.zeros(1, 32, d))
+        self.queries = nn.Parameter(torch.zeros(4, d))
+        self.latent_queries = nn.Parameter(torch.zeros(4, d))
+        self.query_embed = nn.Parameter(torch.zeros(4, d))
+        self.query = nn.Parameter(torch.zeros(1, 4, d))
+
+
+def test_query_projection_matrices_are_decayed_and_query_tokens_are_not():
+    assert groups_of(FreeAttention()) == {
+        "W_query": "decay",
+        "W_key": "decay",
+        "W_value": "decay",
+        "W_out": "decay",
+        "query_weight": "decay",
+        "q_proj": "decay",
+        "query_tokens": "no_decay",
+        "queries": "no_decay",
+        "latent_queries": "no_decay",
+        "query_embed": "no_decay",
+        "query": "no_decay",
+    }
+
+
+class AxialPositionEmbeddings(nn.Module):
+    """Reformer-style axial position embeddings: a ParameterList named only `weights`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList([nn.Parameter(torch.zeros(2, 1, 16)), nn.Parameter(torch.zeros(1, 4, 16))])
+
+
+class AxialNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.position_embeddings = AxialPositionEmbeddings()
+        self.experts = nn.Module()
+        self.experts.weights = nn.ParameterList([nn.Parameter(torch.zeros(4, 8))])
+        self.fc = nn.Linear(16, 16)
+
+
+def test_parameter_list_named_weights_is_named_by_its_parent():
+    assert groups_of(AxialNet()) == {
+        "position_embeddings.weights.0": "no_decay",
+        "position_embeddings.weights.1": "no_decay",
+        "experts.weights.0": "decay",
+        "fc.weight": "decay",
+        "fc.bias": "no_decay",
+    }
+
+
+class GumbelCodebook(nn.Module):
+    """An embedding table read by `einsum` with a soft one-hot, and relative-position tables read by `matmul`."""
+
+    def __init__(self, d: int = 8, n: int = 16) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, n)
+        self.embed = nn.Embedding(n, d)
+        self.emb_rel_k = nn.Parameter(torch.randn(1, d, d))
+        self.seg_embed = nn.Parameter(torch.randn(d, d))
+        self.W = nn.Parameter(torch.randn(d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        soft = torch.softmax(self.proj(x), dim=-1)
+        h = torch.einsum("bn,nd->bd", soft, self.embed.weight)
+        h = torch.matmul(h[:, None, :], self.emb_rel_k)[:, 0] + torch.einsum("bd,de->be", h, self.seg_embed)
+        return h @ self.W
+
+
+def test_traced_matrix_use_does_not_turn_a_table_into_a_linear_weight():
+    expected = {
+        "proj.weight": "decay",
+        "proj.bias": "no_decay",
+        "embed.weight": "no_decay",
+        "emb_rel_k": "no_decay",
+        "seg_embed": "no_decay",
+        "W": "decay",
+    }
+    model = GumbelCodebook()
+    assert groups_of(model) == expected
+    plan = lwd.DecayPlan.from_module(model, presets.standard(0.05), example_inputs=torch.randn(2, 8))
+    for name in ("embed.weight", "emb_rel_k", "seg_embed"):
+        assert plan.entry(name).traced.role == "linear"  # the trace saw a matrix operand...
+    assert groups_of(model, torch.randn(2, 8)) == expected  # ...and structure keeps the tables tables
+    assert plan.entry("embed.weight").rule == "embedding"
+    with lwd.trace.use_trace(plan.trace):
+        assert presets.role_of("embed.weight", model.embed.weight, model.embed) == "embedding"
+        assert presets.role_of("emb_rel_k", model.emb_rel_k, model) == "other"
+        assert presets.role_of("W", model.W, model) == "linear"
