@@ -110,6 +110,15 @@ def backward_skipped(trainer: Any) -> bool:
     return bool(getattr(getattr(trainer, "fit_loop", None), "_skip_backward", False))
 
 
+def fsdp1_flattened(param: Any) -> bool:
+    """Whether ``param`` is an FSDP1 ``FlatParameter`` or an original parameter that FSDP1 flattened."""
+    return (
+        getattr(param, "_fsdp_flattened", False) is True
+        or getattr(param, "_is_flat_param", False) is True
+        or type(param).__name__ == "FlatParameter"
+    )
+
+
 def fsdp1_is_flat_view(param: Any) -> bool:
     """Whether ``param`` is an original parameter that FSDP1 (``use_orig_params=True``) flattened.
 

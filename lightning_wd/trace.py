@@ -64,7 +64,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from lightning_wd._compat import DTENSOR_TYPES
+from lightning_wd._compat import DTENSOR_TYPES, fsdp1_flattened
 
 __all__ = ["ROLES", "ParamUse", "RoleTrace", "TraceError", "TracedRole", "is_sharded", "trace_roles"]
 
@@ -533,7 +533,7 @@ def _sharding(module: nn.Module) -> str | None:
             if fsdp2 and isinstance(mod, fsdp2):
                 return f"FSDP2: `fully_shard` applied to {name or '<root>'!r}"
     for name, param in module.named_parameters(remove_duplicate=False):
-        if getattr(param, "_fsdp_flattened", False) is True or getattr(param, "_is_flat_param", False) is True:
+        if fsdp1_flattened(param):
             return f"FSDP1: parameter {name!r} is, or is a view of, a flat parameter"
         if DTENSOR_TYPES and isinstance(param, DTENSOR_TYPES):
             return f"DTensor parameters: {name!r} is a DTensor"
