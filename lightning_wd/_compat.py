@@ -110,13 +110,14 @@ def backward_skipped(trainer: Any) -> bool:
     return bool(getattr(getattr(trainer, "fit_loop", None), "_skip_backward", False))
 
 
+def _fsdp1_flat_param(param: Any) -> bool:
+    """Whether ``param`` is an FSDP1 ``FlatParameter`` (marked ``_is_flat_param``, or its own class in older torch)."""
+    return getattr(param, "_is_flat_param", False) is True or type(param).__name__ == "FlatParameter"
+
+
 def fsdp1_flattened(param: Any) -> bool:
     """Whether ``param`` is an FSDP1 ``FlatParameter`` or an original parameter that FSDP1 flattened."""
-    return (
-        getattr(param, "_fsdp_flattened", False) is True
-        or getattr(param, "_is_flat_param", False) is True
-        or type(param).__name__ == "FlatParameter"
-    )
+    return getattr(param, "_fsdp_flattened", False) is True or _fsdp1_flat_param(param)
 
 
 def fsdp1_is_flat_view(param: Any) -> bool:
@@ -127,7 +128,7 @@ def fsdp1_is_flat_view(param: Any) -> bool:
     """
     if getattr(param, "_fsdp_flattened", False) is not True:
         return False
-    return getattr(param, "_is_flat_param", False) is not True and type(param).__name__ != "FlatParameter"
+    return not _fsdp1_flat_param(param)
 
 
 def fsdp1_units(module: Any) -> Iterator[tuple[list[Any], list[Any], Any]]:

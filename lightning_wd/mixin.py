@@ -694,7 +694,7 @@ def _example_inputs(module: Any) -> Any:
             " the roles from a forward pass on `example_input_array`, False to take them from structure."
         )
     inputs = getattr(module, "example_input_array", None) if flag else None
-    if inputs is not None and (is_sharded(module) or is_sharded(_planned(module))):
+    if inputs is not None and is_sharded(_planned(module)):  # (the wrapper, where there is one, holds the module)
         rank_zero_warn(
             f"{type(module).__name__}'s `example_input_array` is not traced: the module is sharded (FSDP) by the"
             " time configure_optimizers runs, and a forward pass on it would run the sharding's gathers. The"
