@@ -29,9 +29,12 @@ Rows:
 * ``callback`` rows: the real step path of the callback's engine (``optimizer.step()`` through
   its wrapper, over an optimizer whose own update does nothing: λ out and back in, gradient check,
   step size, decay, and on a logged step the metrics and their one host sync); for ``cautious``
-  also the snapshot it takes before the optimizer's update, in the full step and alone, and the
-  full step with ``fused=True`` (the mask and decay as one ``torch.compile`` kernel per tensor;
-  compiled in the warm-up rounds, so a C++ compiler is needed on CPU);
+  also the snapshot it takes before the optimizer's update, in the full step and alone; the full
+  step with the default ``fused=None`` (on CPU, the compiled kernel for a group of 8M elements or
+  more, so for the large layout at the default size, else the foreach path), with ``fused=False``
+  (the foreach path, what a machine without a C++ compiler gets) and with ``fused=True`` (the mask
+  and decay as one ``torch.compile`` kernel per tensor; compiled in the warm-up rounds, so a C++
+  compiler is needed on CPU);
   ``contiguous group`` rows run it over parameters laid out in one buffer by
   :func:`~lightning_wd.functional.make_contiguous_` (``WDMixin.contiguous_parameters = True``).
 * with ``--compiled``, ``torch.compile`` rows: the cautious mask and decay fused into one kernel
@@ -119,8 +122,12 @@ def _cases(
     }
     for label, h in harnesses.items():
         cases[f"callback {label}"] = h.step
+    # The default (fused=None): the compiled kernel for CPU groups of 8M elements or more, else foreach.
     cases["callback cautious: full step (snapshot + mask + decay)"] = EngineHarness(
         params, weight_decay=WD, lr=LR, cautious=True
+    ).step
+    cases["callback cautious, fused=False: full step (the foreach path)"] = EngineHarness(
+        params, weight_decay=WD, lr=LR, cautious=True, fused=False
     ).step
     # fused=True: the mask and decay as one torch.compile kernel per tensor (compiled in the warm-up rounds).
     cases["callback cautious, fused=True: full step"] = EngineHarness(
@@ -151,6 +158,7 @@ TARGETS = [
     ("large", "callback relative (params, mean_abs)", 2.5),
     ("large", "callback cautious: full step (snapshot + mask + decay)", 4.0),
     ("large", "callback cautious, fused=True: full step", 4.0),
+    ("large", "callback cautious, fused=False: full step (the foreach path)", 4.0),
     ("large", "callback decoupled, logged step", 1.5),
     ("small", "callback decoupled", 2.0),
     ("small", "callback decoupled, contiguous group", 2.0),

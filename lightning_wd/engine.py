@@ -105,8 +105,9 @@ class DecayOptions:
             given for a mode other than ``"relative"``, ``toward`` or ``timescale_fraction`` with
             ``mode="relative"``, ``timescale_fraction`` with ``ord=1`` or not a finite number > 0,
             ``fused`` without ``cautious`` or with ``toward``.
-        TypeError: on ``cautious`` or ``fused`` that is not a bool, a ``schedule`` that is not callable, or
-            ``toward`` that is neither ``"init"`` nor a mapping of names to tensors.
+        TypeError: on ``cautious`` that is not a bool, ``fused`` that is not a bool or None, a
+            ``schedule`` that is not callable, or ``toward`` that is neither ``"init"`` nor a mapping
+            of names to tensors.
     """
 
     mode: Mode = "decoupled"
@@ -117,7 +118,7 @@ class DecayOptions:
     schedule: Callable[[int], float] | None = None
     toward: Literal["init"] | Mapping[str, Tensor] | None = field(default=None, compare=False, repr=False)
     timescale_fraction: float | None = None
-    fused: bool = False
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         _choice(self.mode, "mode", Mode)
@@ -136,7 +137,11 @@ class DecayOptions:
         _choice(self.source, "source", Source)
         _choice(self.metric, "metric", Metric)
         _flag(self.cautious, "cautious")
-        _flag(self.fused, "fused")
+        if self.fused is not None and not isinstance(self.fused, bool):
+            raise TypeError(
+                f"`fused` must be None (the compiled kernel where it pays: large CPU groups), True or False, got"
+                f" {type(self.fused).__name__} {self.fused!r}. Pass a bool or None."
+            )
         if self.fused and (not self.cautious or self.toward is not None):
             raise ValueError(
                 f"`fused`=True fuses the cautious mask and decay, so it needs cautious=True without `toward`; got"
@@ -496,12 +501,14 @@ class WeightDecay:
             ``independent`` and ``lr_ratio`` mode): ``λ = 1 / (fraction · total_steps · η)``.
         track_diagnostics: Measure each group's ``update_ratio`` and ``angular_update`` at the next
             steps (for ``metrics(diagnostics=True)``); set it only before steps you log.
-        fused: Decay ``cautious=True`` groups of a few large tensors (at most 8, or 32k elements each on
-            average; any floating dtype and device) with one kernel compiled by ``torch.compile``: one
-            pass over the parameters and their copy instead of several. The first step compiles it
-            (seconds; on CPU a C++ compiler is needed); where compiling fails, one warning says why and
-            the foreach path decays instead, with the same result. Other modes, ``toward``, steps
-            with ``track_diagnostics`` and other tensors are not affected.
+        fused: How ``cautious=True`` groups of a few large tensors (at most 8, or 32k elements each on
+            average) are decayed: ``True``, with one kernel compiled by ``torch.compile`` (any floating
+            dtype and device): one pass over the parameters and their copy instead of several; the first
+            step compiles it (seconds; on CPU a C++ compiler is needed), and where compiling fails one
+            warning says why and the foreach path decays instead, with the same result. ``None`` (the
+            default): the compiled kernel only for groups of at least 8M elements on CPU, where it repays
+            its compile within about a thousand steps, falling back quietly; ``False``: never. Other
+            modes, ``toward``, steps with ``track_diagnostics`` and other tensors are not affected.
 
     Raises:
         TypeError: on an ``optimizer`` that is not one, a flag that is not a bool, or ``rules``
@@ -549,7 +556,7 @@ class WeightDecay:
         toward: Literal["init"] | Mapping[str, Tensor] | None = None,
         timescale_fraction: float | None = None,
         track_diagnostics: bool = False,
-        fused: bool = False,
+        fused: bool | None = None,
         _options: DecayOptions | None = None,
         _strict: bool = True,
         _set_timescale: bool = True,

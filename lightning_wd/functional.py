@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import shutil
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
@@ -581,23 +582,64 @@ def _cautious_kernel(p: Tensor, b: Tensor, step: Tensor, soft: bool) -> None:
     p.copy_(torch.where(moved, decayed, p))
 
 
-#: ``_cautious_kernel`` compiled on first use (``fused=True``); the reason, once compiling it failed.
-_FUSED: dict[str, Any] = {"kernel": None, "failed": None}
+#: ``_cautious_kernel`` compiled on first use; the reason, once compiling it failed (or no C++ compiler
+#: was found for a CPU kernel), and whether a ``fused=True`` caller was told.
+_FUSED: dict[str, Any] = {"kernel": None, "failed": None, "warned": False}
+
+#: Elements of one device and dtype from which ``fused=None`` (the default) decays a cautious group of a
+#: few large CPU tensors by the compiled kernel: 8M (32 MiB of float32), where the kernel saves about
+#: 10 ms a step on the benchmark machine (BENCHMARKS.md), so its one compile (6-11 s there) is repaid
+#: within about a thousand steps. Smaller groups, and other devices, stay on the foreach path unless
+#: ``fused=True`` asks for the kernel.
+_AUTO_FUSED_NUMEL = 1 << 23
+
+#: The C++ compilers the CPU kernel can be built with (``torch._inductor``'s choices).
+_CXX = ("g++", "c++", "clang++", "cl")
+
+
+def _fuse_by_default(tensors: list[Tensor], numel: int | None) -> bool:
+    """Whether ``fused=None`` takes the compiled kernel for ``tensors``: at least ``_AUTO_FUSED_NUMEL``
+    elements of a few large CPU tensors, on a machine with a C++ compiler (checked once)."""
+    if _FUSED["failed"] is not None or tensors[0].device.type != "cpu":
+        return False
+    total = numel if numel is not None else sum(map(Tensor.numel, tensors))
+    if total < _AUTO_FUSED_NUMEL:
+        return False
+    if _FUSED["kernel"] is None and not any(map(shutil.which, _CXX)):
+        _FUSED["failed"] = "no C++ compiler found (one of " + ", ".join(_CXX) + ")"
+        return False
+    return True
 
 
 def _fused_cautious_(
-    tensors: list[Tensor], before: list[Tensor], step: Step, ord: int, numel: int | None = None
+    tensors: list[Tensor], before: list[Tensor], step: Step, ord: int, numel: int | None = None, warn: bool = True
 ) -> int:
     """``_cautious_decay_`` of a few large tensors by one compiled kernel each: how many it decayed.
 
     The kernel reads ``p`` and ``b`` once and writes ``p`` once (the foreach path makes about five
     passes). It is compiled once per process (dynamic shapes; the step is a 0-dim tensor, so a
     schedule does not recompile). Where compiling fails (no C++ compiler on CPU, an unsupported
-    device), one warning says why and the tensors not yet decayed are left to the caller's foreach
-    path, for this and every later step: none is decayed twice.
+    device), the tensors not yet decayed are left to the caller's foreach path, for this and every
+    later step: none is decayed twice. ``warn`` (``fused=True``): one warning says why, the first time
+    a caller that asked for the kernel does not get it; the default ``fused=None`` falls back quietly.
     """
-    if _FUSED["failed"] is not None or not _fusable(tensors, before, numel):
-        return 0
+    done = 0
+    if _FUSED["failed"] is None and _fusable(tensors, before, numel):
+        done = _run_fused(tensors, before, step, ord)
+    if warn and _FUSED["failed"] is not None and not _FUSED["warned"]:
+        _FUSED["warned"] = True
+        warnings.warn(
+            f"fused=True could not compile the cautious decay kernel with torch.compile ({_FUSED['failed']});"
+            " the decay continues on the foreach path, with the same result. Install a C++ compiler (CPU) or"
+            " pass fused=False to silence this.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return done
+
+
+def _run_fused(tensors: list[Tensor], before: list[Tensor], step: Step, ord: int) -> int:
+    """The compiled kernel over each tensor and its copy, until compiling fails: how many it decayed."""
     first = tensors[0]
     opmath = torch.float64 if first.dtype == torch.float64 else torch.float32
     # a copy to the device that does not wait for it (no host synchronisation, as in `_on`)
@@ -611,13 +653,6 @@ def _fused_cautious_(
             _FUSED["kernel"](t.view(-1), b.view(-1), size, ord == 1)
         except Exception as err:  # the compiler's failure: the foreach path decays what is left
             _FUSED["failed"] = f"{type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
-            warnings.warn(
-                f"fused=True could not compile the cautious decay kernel with torch.compile ({_FUSED['failed']});"
-                " the decay continues on the foreach path, with the same result. Install a C++ compiler (CPU) or"
-                " pass fused=False to silence this.",
-                UserWarning,
-                stacklevel=2,
-            )
             return done
     return len(tensors)
 
@@ -654,7 +689,12 @@ def _copies(tensors: list[Tensor], numel: int | None = None) -> list[Tensor]:
 
 
 def _cautious_decay_(
-    tensors: list[Tensor], before: list[Tensor], step: Step, ord: int, fused: bool = False, numel: int | None = None
+    tensors: list[Tensor],
+    before: list[Tensor],
+    step: Step,
+    ord: int,
+    fused: bool | None = None,
+    numel: int | None = None,
 ) -> None:
     """Decay only where ``(tensors - before) * before < 0``, using ``before`` as the scratch (it is consumed).
 
@@ -672,15 +712,16 @@ def _cautious_decay_(
     (``p - m * clamp(p, -step, step)`` for ``ord=1``), the same bits as with ``q``: multiplying by -1
     or 1 is exact.
 
-    With ``fused``, a few large tensors of any floating dtype and device are decayed by one compiled
-    kernel each (``_fused_cautious_``), the rest as above.
+    With ``fused=True``, a few large tensors of any floating dtype and device are decayed by one compiled
+    kernel each (``_fused_cautious_``), the rest as above; with ``fused=None``, only where
+    ``_fuse_by_default`` says the kernel pays for its compile (large CPU groups), quietly falling back.
 
     Call under no_grad with lists of one device and dtype, checked by the caller.
     """
     if not tensors:
         return
-    if fused:
-        done = _fused_cautious_(tensors, before, step, ord, numel)
+    if fused or (fused is None and _fuse_by_default(tensors, numel)):
+        done = _fused_cautious_(tensors, before, step, ord, numel, warn=bool(fused))
         numel = None if done else numel
         if done == len(tensors):
             return

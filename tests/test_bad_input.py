@@ -514,9 +514,11 @@ for value, error, match in [
     case("WeightDecayCallback", "rules", CB, dict(rules=value), error, match)
 for value in (3, 0, "1", True, 2.5):
     case("WeightDecayCallback", "ord", CB, dict(ord=value), ValueError, "use any of the following: 1, 2")
-for argument in ("cautious", "log_norms", "log_grad_norm", "log_update_norm", "fused"):
+for argument in ("cautious", "log_norms", "log_grad_norm", "log_update_norm"):
     for value in ("yes", 1, None):
         case("WeightDecayCallback", argument, CB, {argument: value}, TypeError, "must be True or False.*Pass a bool")
+for value in ("yes", 1, 0.0):
+    case("WeightDecayCallback", "fused", CB, {"fused": value}, TypeError, "must be None.*True or False.*bool or None")
 case("WeightDecayCallback", "fused", CB, dict(fused=True), ValueError, "needs cautious=True.*or drop fused")
 for kwargs, match in [
     (dict(mode="relative", source="gradient"), "use any of the following: 'grad', 'params', 'update'"),

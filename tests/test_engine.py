@@ -591,6 +591,7 @@ def test_fused_cautious_falls_back_to_foreach_once_compiling_fails_and_decays_ea
 
     monkeypatch.setitem(F._FUSED, "kernel", kernel)
     monkeypatch.setitem(F._FUSED, "failed", None)
+    monkeypatch.setitem(F._FUSED, "warned", False)
     net, data = model(), batches()
     expected = reference(net, data, cautious=True)
     with pytest.warns(UserWarning, match=r"fused=True could not compile.*RuntimeError: InductorError.*same result"):
@@ -599,3 +600,79 @@ def test_fused_cautious_falls_back_to_foreach_once_compiling_fails_and_decays_ea
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
     assert len(calls) == 2  # never tried again after the failure
     assert F._FUSED["failed"].startswith("RuntimeError: InductorError")
+
+
+def _counting_kernel(calls: list, fail_at: int | None = None):
+    """A stand-in for the compiled kernel: the same formula run eagerly, each call counted."""
+    from lightning_wd import functional as F
+
+    def kernel(p, b, step, soft):
+        calls.append(p.numel())
+        if len(calls) == fail_at:
+            raise RuntimeError("InductorError: C++ compile error")
+        F._cautious_kernel(p, b, step, soft)
+
+    return kernel
+
+
+@pytest.mark.parametrize(("threshold", "fused"), [(36, True), (37, False)], ids=["large-enough", "too-small"])
+def test_the_default_fused_none_takes_the_kernel_only_for_cpu_groups_large_enough_to_repay_it(
+    monkeypatch, threshold, fused
+):
+    """``fused=None``: the decayed group (36 elements here) takes the kernel from ``_AUTO_FUSED_NUMEL`` elements."""
+    from lightning_wd import functional as F
+
+    calls: list[int] = []
+    monkeypatch.setitem(F._FUSED, "kernel", _counting_kernel(calls))
+    monkeypatch.setitem(F._FUSED, "failed", None)
+    monkeypatch.setattr(F, "_AUTO_FUSED_NUMEL", threshold)
+    net, data = model(), batches()
+    expected = reference(net, data, cautious=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine, _ = run_engine(net, data, cautious=True)
+    assert engine.options.fused is None
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert sum(calls) == (36 * len(data) if fused else 0)
+
+
+def test_the_default_falls_back_quietly_and_a_later_fused_true_is_told_why(monkeypatch):
+    """A failed compile under ``fused=None`` is not a warning (nobody asked for it); ``fused=True`` then says why."""
+    from lightning_wd import functional as F
+
+    calls: list[int] = []
+    monkeypatch.setitem(F._FUSED, "kernel", _counting_kernel(calls, fail_at=1))
+    monkeypatch.setitem(F._FUSED, "failed", None)
+    monkeypatch.setitem(F._FUSED, "warned", False)
+    monkeypatch.setattr(F, "_AUTO_FUSED_NUMEL", 1)
+    net, data = model(), batches()
+    expected = reference(net, data, cautious=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_engine(net, data, cautious=True)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert calls == [24]  # tried once, on the first tensor; never again
+    with pytest.warns(UserWarning, match=r"fused=True could not compile.*InductorError"):
+        run_engine(model(), data, cautious=True, fused=True)
+    assert calls == [24]
+
+
+def test_the_default_does_not_compile_without_a_cpp_compiler(monkeypatch):
+    """No C++ compiler on the machine: ``fused=None`` never calls torch.compile, and says nothing."""
+    from lightning_wd import functional as F
+
+    monkeypatch.setitem(F._FUSED, "kernel", None)
+    monkeypatch.setitem(F._FUSED, "failed", None)
+    monkeypatch.setattr(F, "_AUTO_FUSED_NUMEL", 1)
+    monkeypatch.setattr(F.shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile was called"))
+    net, data = model(), batches()
+    expected = reference(net, data, cautious=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_engine(net, data, cautious=True)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert "no C++ compiler" in F._FUSED["failed"]
