@@ -27,6 +27,7 @@ __all__ = [
     "fsdp1_is_flat_view",
     "fsdp1_units",
     "inner_optimizer",
+    "keep_step_pre_hook_last",
     "mark_wrapped_by_lr_scheduler",
     "should_update_logs",
     "wrapped_by_lr_scheduler",
@@ -79,6 +80,19 @@ def mark_wrapped_by_lr_scheduler(step: Any) -> None:
     counting steps for the scheduler carries it over.
     """
     step._wrapped_by_lr_sched = True
+
+
+def keep_step_pre_hook_last(optimizer: Any, hook_id: int) -> None:
+    """Move the optimizer's step pre-hook ``hook_id`` after every other, so it runs right before the update.
+
+    torch runs the global pre-hooks, then the optimizer's ``_optimizer_step_pre_hooks`` (an ordered
+    dict by handle id) in order; a hook registered later would otherwise run after it. Does nothing
+    where the dict or the hook is missing.
+    """
+    hooks = getattr(optimizer, "_optimizer_step_pre_hooks", None)
+    if hooks is None or hook_id not in hooks or next(reversed(hooks)) == hook_id:
+        return
+    hooks.move_to_end(hook_id)
 
 
 def should_update_logs(trainer: Any) -> bool:

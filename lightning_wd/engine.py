@@ -46,7 +46,12 @@ from torch.optim import Optimizer
 
 from lightning_wd import _fsdp
 from lightning_wd import functional as F
-from lightning_wd._compat import inner_optimizer, mark_wrapped_by_lr_scheduler, wrapped_by_lr_scheduler
+from lightning_wd._compat import (
+    inner_optimizer,
+    keep_step_pre_hook_last,
+    mark_wrapped_by_lr_scheduler,
+    wrapped_by_lr_scheduler,
+)
 from lightning_wd.plan import _WRAPPER_ATTRS, PLANNED_KEY, DecayPlan, _check_plan_options, _check_rules
 from lightning_wd.rules import DecayRule
 from lightning_wd.schedules import weight_decay_from_timescale
@@ -634,6 +639,8 @@ class WeightDecay:
         self._warned: set[str] = set()
         self._original: Any = None
         self._active = False
+        #: Whether the optimizer's own step (its pre-hooks, update and post-hooks) is running under ``_step``.
+        self._stepping = False
         # Plan and check everything before touching the optimizer: an error leaves it as it was.
         migrate_legacy_groups_(opt)
         buckets = self._plan(strict=_strict)
@@ -671,6 +678,14 @@ class WeightDecay:
         if wrapped_by_lr_scheduler(original):  # torch's LR schedulers check that their wrapper is there
             mark_wrapped_by_lr_scheduler(step)
         step.__wrapped__ = inner  # type: ignore[attr-defined]
+
+        def take_lambdas_written_by_pre_hooks(opt: Optimizer, args: Any, kwargs: Any) -> None:
+            # the last step pre-hook (moved there at each step): a λ that another pre-hook wrote is this
+            # step's λ, taken as one written in the closure is; the update then reads the engine's 0
+            if opt is engine.optimizer and engine._stepping:
+                engine._take_written_lambdas()
+
+        self._pre_hook = opt.register_step_pre_hook(take_lambdas_written_by_pre_hooks)
         opt.step = types.MethodType(step, opt)  # type: ignore[method-assign]
         self._wrapper = opt.step
         self._active = True
@@ -689,6 +704,7 @@ class WeightDecay:
         if not self._active:
             return
         self._active = False
+        self._pre_hook.remove()
         opt = self.optimizer
         if opt.__dict__.get("step") is self._wrapper:  # nobody wrapped it since: restore what was there
             if self._original is None:
@@ -1048,9 +1064,12 @@ class WeightDecay:
         for g in groups:
             if "weight_decay" in g:
                 g["weight_decay"] = _TAKEN
+        keep_step_pre_hook_last(self.optimizer, self._pre_hook.id)
+        self._stepping = True
         try:
             out = inner(*args, **kwargs)
         finally:
+            self._stepping = False
             for g, lam in zip(groups, saved, strict=True):
                 # the engine's own zero (by identity: a 0.0 the user wrote after the closure is theirs) is put back
                 if lam is not None and g.get("weight_decay") is _TAKEN:

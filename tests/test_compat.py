@@ -81,6 +81,18 @@ def test_the_lr_scheduler_marker_is_the_one_torch_checks() -> None:
     assert getattr(opt.step, "_wrapped_by_lr_sched", False)  # torch still marks its own wrapper so
 
 
+def test_a_step_pre_hook_is_moved_after_those_registered_later() -> None:
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    order: list[str] = []
+    mine = opt.register_step_pre_hook(lambda *a: order.append("mine"))
+    opt.register_step_pre_hook(lambda *a: order.append("later"))
+    _compat.keep_step_pre_hook_last(opt, mine.id)
+    opt.step()
+    assert order == ["later", "mine"]
+    mine.remove()
+    _compat.keep_step_pre_hook_last(opt, mine.id)  # gone: nothing to move
+
+
 def test_dtensor_types_are_found() -> None:
     assert _compat.DTENSOR_TYPES and _compat.REPLICATE is not None
 
@@ -89,6 +101,7 @@ PRIVATE = re.compile(
     r"\b(?:trainer|fit_loop|epoch_loop|strategy|optimizer|opt|inner)\._(?!_)[a-z]\w*"
     r"|\b_wrapped_by_lr_sched\b|torch\.distributed\._tensor|_logger_connector|_batches_that_stepped|_skip_backward"
     r"|[\"'.]_handle\b|\._shapes\b|[\"'.]_params\b|_fsdp_flattened|_is_flat_param"
+    r"|_optimizer_step_pre_hooks"
 )
 
 

@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import lightning_wd as lwd
 from lightning_wd import schedules
@@ -297,6 +298,52 @@ def test_a_lambda_written_inside_the_closure_is_that_steps_lambda_applied_once(o
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
     assert seen == [WD, written, written]
     assert opt.param_groups[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("where", ["pre-hook-after-engine", "pre-hook-before-engine", "global-pre-hook"])
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+def test_a_lambda_written_by_an_optimizer_step_pre_hook_is_that_steps_lambda_applied_once(optimizer, where):
+    """A λ schedule run as a step pre-hook (registered before or after the engine, or for every optimizer)
+    writes the group's λ after the engine took it out: that value is this step's λ, decayed once by the
+    engine, and the optimizer's own update still reads 0 (SGD would otherwise add it to the gradient)."""
+    net, data = model(), batches(4)
+    make = {"SGD": lambda g: torch.optim.SGD(g, lr=LR, momentum=0.9), "AdamW": lambda g: torch.optim.AdamW(g, lr=LR)}
+    opt = make[optimizer](lwd.build_param_groups(net, lwd.presets.standard(WD)))
+    lambdas = [WD * (1 + t) / 2 for t in range(len(data))]
+    steps = iter(lambdas)
+
+    def schedule(o, args, kwargs):
+        if o is opt:
+            o.param_groups[1]["weight_decay"] = next(steps)
+
+    if where == "pre-hook-before-engine":
+        opt.register_step_pre_hook(schedule)
+    lwd.WeightDecay(opt)
+    if where == "global-pre-hook":
+        handle = register_optimizer_step_pre_hook(schedule)
+    elif where == "pre-hook-after-engine":
+        handle = opt.register_step_pre_hook(schedule)
+    ref_net = copy.deepcopy(net)
+    ref_opt = make[optimizer]([{"params": [p], "weight_decay": 0.0} for p in ref_net.parameters()])
+    decayed = {id(p) for p in opt.param_groups[1]["params"]}
+    ref_decayed = [q for p, q in zip(net.parameters(), ref_net.parameters(), strict=True) if id(p) in decayed]
+    try:
+        for (x, y), lam in zip(data, lambdas, strict=True):
+            opt.zero_grad()
+            loss_of(net, x, y).backward()
+            opt.step()
+            ref_opt.zero_grad()
+            loss_of(ref_net, x, y).backward()
+            ref_opt.step()
+            with torch.no_grad():
+                for q in ref_decayed:
+                    q.mul_(1 - LR * lam)
+    finally:
+        if where != "pre-hook-before-engine":
+            handle.remove()
+    for p, q in zip(net.parameters(), ref_net.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+    assert opt.param_groups[1]["weight_decay"] == lambdas[-1]  # the value written stays in the group
 
 
 def test_a_step_above_one_is_clamped_with_one_warning_and_never_flips_signs():
