@@ -11,9 +11,11 @@ Two measurements:
 1. **The engine's step alone** (the real snapshot before the optimizer's update and the decay
    after it, on one group of parameters with gradients, see ``_common.EngineHarness``):
    ``held`` is the size of the copy the engine keeps through the optimizer's update
-   (``engine._snapshot``), ``peak`` the most memory allocated at any moment between the snapshot
-   and the end of the decay, above what was allocated before, and ``left`` what is still
-   allocated after. On CPU, allocations are read from
+   (``engine._snapshot``), ``kept`` the copies it keeps between steps to copy into at the next
+   (``engine._spare``: a few large CPU tensors), ``peak`` the most memory the engine has at any
+   moment between the snapshot and the end of the decay (allocated above what was allocated
+   before, plus the copies it kept from the step before), and ``left`` what the step leaves
+   allocated beyond what was there before it. On CPU, allocations are read from
    ``torch.profiler`` (``profile_memory=True``: every allocation and free, in order); on CUDA
    from ``torch.cuda.max_memory_allocated``. Sizes are given as multiples of the decayed
    parameters' bytes.
@@ -70,6 +72,11 @@ def _snapshot_bytes(engine: Any) -> int | None:
     return sum(t.numel() * t.element_size() for bucket in engine._snapshot for chunk in bucket for t in chunk)
 
 
+def _spare_bytes(engine: Any) -> int:
+    spare = engine._spare or []
+    return sum(t.numel() * t.element_size() for bucket in spare for chunk in bucket for t in chunk)
+
+
 def _cpu_window(fn: Any) -> tuple[int, int]:
     """(peak, left): the most bytes allocated at once while ``fn`` runs, and what it leaves allocated."""
     from torch.profiler import ProfilerActivity, profile
@@ -105,6 +112,7 @@ def step_alone(sizes: list[int], device: torch.device, dtype: torch.dtype) -> li
         with torch.no_grad():
             h.step()  # warm-up (first-step checks), then the measured step
             held: list[int | None] = []
+            kept_before = _spare_bytes(h.engine)
 
             def one_step(h: EngineHarness = h, held: list[int | None] = held) -> None:
                 h.before_step()
@@ -115,12 +123,14 @@ def step_alone(sizes: list[int], device: torch.device, dtype: torch.dtype) -> li
                 peak, left = _cuda_window(one_step, device)
             else:
                 peak, left = _cpu_window(one_step)
-        kept = held[0]
+        copy = held[0]
+        peak += kept_before
         rows.append(
             [
                 f"{len(sizes)} tensors",
                 label,
-                "None" if kept is None else f"{kept / nbytes:.2f}",
+                "None" if copy is None else f"{copy / nbytes:.2f}",
+                f"{_spare_bytes(h.engine) / nbytes:.2f}",
                 f"{peak / nbytes:.2f}",
                 _human(peak),
                 f"{left / nbytes:.2f}",
@@ -139,6 +149,7 @@ class SnapshotProbe(L.Callback):
         self.device = device
         self.before: list[int | None] = []
         self.after: list[int | None] = []
+        self.kept: list[int] = []
         self.decayed_bytes = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -156,6 +167,7 @@ class SnapshotProbe(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self.after.append(_snapshot_bytes(self.cb.engines[0]))
+        self.kept.append(_spare_bytes(self.cb.engines[0]))
 
 
 def in_fit(device: torch.device, quick: bool) -> list[list[str]]:
@@ -217,6 +229,7 @@ def in_fit(device: torch.device, quick: bool) -> list[list[str]]:
             label,
             "None" if held is None else f"{held / probe.decayed_bytes:.2f}",
             str(all(a is None for a in probe.after)),
+            f"{probe.kept[-1] / probe.decayed_bytes:.2f}",
         ]
         if device.type == "cuda":
             assert peak is not None and base_peak is not None
@@ -253,11 +266,17 @@ def main(argv: list[str] | None = None) -> None:
     print()
     rows = step_alone(split_sizes(total, 4), device, dtype)
     rows += step_alone(split_sizes(total, small), device, dtype)
-    print(table(["tensors", "mode", "held across the optimizer step", "peak", "peak bytes", "left after"], rows))
+    headers = ["tensors", "mode", "held across the optimizer step", "kept between steps", "peak", "peak bytes"]
+    print(table([*headers, "left after"], rows))
     print()
     print("## Inside Trainer.fit (snapshot read by a probe callback)")
     print()
-    headers = ["mode", "snapshot held through the update (x decayed bytes)", "freed after the step"]
+    headers = [
+        "mode",
+        "snapshot held through the update (x decayed bytes)",
+        "freed after the step",
+        "kept between steps",
+    ]
     if device.type == "cuda":
         headers.append("peak vs no callback (x decayed bytes)")
     print(table(headers, in_fit(device, args.quick)))

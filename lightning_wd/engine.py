@@ -635,6 +635,10 @@ class WeightDecay:
         self._buckets: list[_Bucket] = []
         self._signature: tuple[Any, ...] = ()
         self._snapshot: list[list[list[Tensor]]] | None = None
+        #: Per bucket and chunk, the last copies of a few large CPU tensors, which the next snapshot copies
+        #: into (``F._copies``): freed, their memory goes back to the C library, often to the kernel, and
+        #: new copies would fault every page in again, 5x the copy's own time for tensors of 16 MiB or more.
+        self._spare: list[list[list[Tensor]]] | None = None
         self._saved: list[Any] = []
         self._warned: set[str] = set()
         self._original: Any = None
@@ -712,7 +716,7 @@ class WeightDecay:
             else:
                 opt.step = self._original  # type: ignore[method-assign]
         # else a later wrapper calls ours, which now passes straight through
-        self._snapshot = None
+        self._snapshot = self._spare = None
 
     @property
     def attached(self) -> bool:
@@ -997,6 +1001,7 @@ class WeightDecay:
             if self._reference is not None and b.reference is None and b.weight_decay > 0:
                 self._link_reference(b, strict=False)
         self._buckets = buckets
+        self._spare = None  # copies of the old buckets' tensors
         self._sharded = any(b.sharded for b in buckets)
         self._signature = _signature(self.optimizer)
 
@@ -1113,12 +1118,18 @@ class WeightDecay:
     @torch.no_grad()
     def _take_snapshot(self) -> None:
         track = self.track_updates or self.track_diagnostics
-        self._snapshot = [
-            [F._copies(chunk, b.numels[c] if b.numels else None) for c, chunk in enumerate(_locals_of(b))]
-            if track or self._bucket_wd(b, self._saved[b.index]) > 0
-            else []
-            for b in self._buckets
-        ]
+        if self._spare is None:
+            self._spare = [[[] for _ in b.chunks] for b in self._buckets]
+        snapshot: list[list[list[Tensor]]] = []
+        for b, spares in zip(self._buckets, self._spare, strict=True):
+            if track or self._bucket_wd(b, self._saved[b.index]) > 0:
+                numels: list[int | None] = [*b.numels] if b.numels else [None] * len(b.chunks)
+                snapshot.append([F._copies(*args) for args in zip(_locals_of(b), numels, spares, strict=True)])
+            else:  # nothing to copy this step (λ is 0): nor anything to keep
+                snapshot.append([])
+                for spare in spares:
+                    spare.clear()
+        self._snapshot = snapshot
 
     def _bucket_wd(self, bucket: _Bucket, own: Any) -> float:
         lam = bucket.rule_wd if bucket.rule_wd is not None else _lambda(own)

@@ -64,15 +64,17 @@ def test_memory_benchmark_shows_the_documented_cost():
     output = _run("bench_memory.py", "--quick")
     decayed = 4 * int(output.split("bench_memory: ", 1)[1].split()[0].replace(",", ""))  # float32 bytes
     rows = _rows(output)
-    step = {(r[0], r[1]): r for r in rows if len(r) == 6 and r[0].endswith(" tensors") and r[0][0].isdigit()}
+    step = {(r[0], r[1]): r for r in rows if len(r) == 7 and r[0].endswith(" tensors") and r[0][0].isdigit()}
     assert step, "no step-memory table"
-    for (tensors, mode), (_, _, held, peak, peak_bytes, left) in step.items():
+    for (tensors, mode), (_, _, held, kept, peak, peak_bytes, left) in step.items():
         assert left == "0.00", (tensors, mode)  # nothing is left behind after the step
         needs_update = "cautious" in mode or "source=update" in mode or "log_update_norm" in mode
         if needs_update:
             assert held == "1.00", (tensors, mode)  # exactly one copy of the decayed parameters
         else:
             assert held == "None", (tensors, mode)
+        # a few large CPU tensors: that copy is kept for the next step's (the same memory, no new pages)
+        assert kept == ("1.00" if needs_update and tensors == "4 tensors" else "0.00"), (tensors, mode)
         if mode in ("decoupled", "lr_ratio", "independent"):
             assert float(peak) == 0.0, (tensors, mode)  # no copy at all (a few bytes of step factors)
         elif mode in ("relative, source=params", "relative, source=grad"):

@@ -11,12 +11,14 @@ Timings depend on the machine (they are in BENCHMARKS.md); these counts do not:
 
 from __future__ import annotations
 
+import ctypes
 import math
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -65,9 +67,11 @@ class Traffic(TorchDispatchMode):
     """Elements read and written by every aten call, in the parameters and in buffers at least ``large`` big.
 
     An argument is read unless it is an ``out=`` argument, and written when the schema marks it as
-    mutated; a new tensor returned by the call is written; views move nothing. Views of the parameters (blocks of one)
-    count with the parameters; small temporaries (0-dim factors, per-tensor norms, cache-sized
-    scratch blocks) do not count, as they never leave the cache.
+    mutated; a new tensor returned by the call is written, unless the call only allocates it (``empty``);
+    views move nothing. Views of a large buffer (blocks of a parameter or of a copy, even one allocated
+    before) count with it; small temporaries (0-dim factors, per-tensor norms, cache-sized scratch
+    blocks) do not count, as they never leave the cache. Copies made by ``ctypes.memmove`` (outside
+    aten) are counted by :func:`_passes`.
     """
 
     def __init__(self, params: list[Tensor], large: int) -> None:
@@ -78,12 +82,19 @@ class Traffic(TorchDispatchMode):
         self.calls: Counter[str] = Counter()
 
     def _counted(self, t: Tensor) -> bool:
-        return t.untyped_storage().data_ptr() in self.storages or t.numel() >= self.large
+        storage = t.untyped_storage()
+        return (
+            storage.data_ptr() in self.storages
+            or t.numel() >= self.large
+            or storage.nbytes() >= self.large * t.element_size()
+        )
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.calls[func.overloadpacket.__name__] += 1
+        if func.overloadpacket.__name__ in _ALLOCATIONS:
+            return out  # reads and writes nothing
         returns = func._schema.returns
         if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
             return out  # a view (detach, view, split): no element is moved
@@ -108,12 +119,31 @@ class Traffic(TorchDispatchMode):
         return out
 
 
+#: Calls that allocate a tensor without writing it.
+_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+
+
 def _passes(params: list[Tensor], run: Callable[[], Any]) -> tuple[float, Counter[str]]:
-    """Elements moved by ``run()`` in units of the parameters' size (one read-write pass: 2.0), and its calls."""
+    """Elements moved by ``run()`` in units of the parameters' size (one read-write pass: 2.0), and its calls.
+
+    A ``ctypes.memmove`` of ``n`` bytes (the engine's copy of a few large CPU tensors) reads and writes
+    ``n`` bytes, outside aten: it is counted here.
+    """
     total = sum(p.numel() for p in params)
-    with Traffic(params, large=min(p.numel() for p in params)) as traffic:
+    itemsize = params[0].element_size()
+    moved = [0]
+    memmove = ctypes.memmove
+
+    def counting_memmove(dst: Any, src: Any, nbytes: int) -> Any:
+        moved[0] += 2 * nbytes // itemsize
+        return memmove(dst, src, nbytes)
+
+    with (
+        mock.patch.object(ctypes, "memmove", counting_memmove),
+        Traffic(params, large=min(p.numel() for p in params)) as traffic,
+    ):
         run()
-    return traffic.elements / total, traffic.calls
+    return (traffic.elements + moved[0]) / total, traffic.calls
 
 
 # Worked out from each kernel's formula (r: elements read, w: written, per element of the parameters):
@@ -377,3 +407,31 @@ def test_fast_paths_decay_by_the_documented_formulas(count, numel, ord, cautious
         if not cautious or (x - old) * old < 0:
             x = x * (1 - step) if ord == 2 else math.copysign(max(abs(x) - step, 0.0), x)
         assert float(p.detach()[-1]) == pytest.approx(x, rel=1e-6, abs=1e-7)
+
+
+def test_cautious_copies_into_the_last_steps_copies_and_anew_for_a_tensor_that_changed():
+    """The copy of a few large CPU tensors is made into the last step's copies (no allocation: freed memory
+    would come back from the kernel page by page), and anew for a tensor whose shape changed; every step
+    still decays by the documented formula."""
+    params = _params(3, 2**18 + 5)
+    optimizer = _Shift([{"params": params, "weight_decay": WD, PLANNED_KEY: True, "name": "decay"}], lr=LR)
+    lwd.WeightDecay(optimizer, cautious=True, fused=False)
+    step = LR * WD
+
+    def checked_step() -> int:
+        before = [p.detach().clone() for p in params]
+        _, calls = _passes(params, optimizer.step)
+        gen = torch.Generator().manual_seed(1)
+        for p, b in zip(params, before, strict=True):
+            after = b + 0.5 * torch.randn(b.shape, generator=gen)
+            expected = torch.where((after - b) * b < 0, after * (1 - step), after)
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+        return calls["empty_like"]  # the copies allocated
+
+    assert checked_step() == 3
+    assert checked_step() == 0
+    assert checked_step() == 0
+    params[1].data = torch.randn(2**17 + 3)
+    params[1].grad = torch.randn(2**17 + 3)
+    assert checked_step() == 1
+    assert checked_step() == 0
