@@ -1123,8 +1123,12 @@ class WeightDecay:
         snapshot: list[list[list[Tensor]]] = []
         for b, spares in zip(self._buckets, self._spare, strict=True):
             if track or self._bucket_wd(b, self._saved[b.index]) > 0:
-                numels: list[int | None] = [*b.numels] if b.numels else [None] * len(b.chunks)
-                snapshot.append([F._copies(*args) for args in zip(_locals_of(b), numels, spares, strict=True)])
+                snapshot.append(
+                    [
+                        F._copies(chunk, b.numels[c] if b.numels else None, spares[c])
+                        for c, chunk in enumerate(_locals_of(b))
+                    ]
+                )
             else:  # nothing to copy this step (λ is 0): nor anything to keep
                 snapshot.append([])
                 for spare in spares:

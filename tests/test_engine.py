@@ -260,6 +260,31 @@ def test_a_lambda_written_during_training_is_followed_at_the_next_step():
     assert engine.metrics()["decay/weight_decay"] == 0.9
 
 
+_OPTIMIZERS = {
+    "SGD": lambda groups: torch.optim.SGD(groups, lr=LR, momentum=0.9),
+    "AdamW": lambda groups: torch.optim.AdamW(groups, lr=LR),
+}
+
+
+class _ScheduledReference:
+    """The optimizer without decay over a copy of ``net``, then ``p <- p (1 - lr λ_t)`` on the tensors of
+    ``opt``'s decayed group (its second): the documented decay of a λ schedule, written out."""
+
+    def __init__(self, optimizer: str, net: nn.Module, opt: torch.optim.Optimizer) -> None:
+        self.net = copy.deepcopy(net)
+        self.opt = _OPTIMIZERS[optimizer]([{"params": [p], "weight_decay": 0.0} for p in self.net.parameters()])
+        decayed = {id(p) for p in opt.param_groups[1]["params"]}
+        self.decayed = [q for p, q in zip(net.parameters(), self.net.parameters(), strict=True) if id(p) in decayed]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lam: float) -> None:
+        self.opt.zero_grad()
+        loss_of(self.net, x, y).backward()
+        self.opt.step()
+        with torch.no_grad():
+            for q in self.decayed:
+                q.mul_(1 - LR * lam)
+
+
 @pytest.mark.parametrize("written", [0.0, 0.05, 0.9])
 @pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
 def test_a_lambda_written_inside_the_closure_is_that_steps_lambda_applied_once(optimizer, written):
@@ -267,13 +292,9 @@ def test_a_lambda_written_inside_the_closure_is_that_steps_lambda_applied_once(o
     a λ schedule written there is the λ of that step, the optimizer's own update still carries no decay,
     and the written value (0.0 too) stays in the group afterwards."""
     net, data = model(), batches(3)
-    make = {"SGD": lambda g: torch.optim.SGD(g, lr=LR, momentum=0.9), "AdamW": lambda g: torch.optim.AdamW(g, lr=LR)}
-    opt = make[optimizer](lwd.build_param_groups(net, lwd.presets.standard(WD)))
+    opt = _OPTIMIZERS[optimizer](lwd.build_param_groups(net, lwd.presets.standard(WD)))
     lwd.WeightDecay(opt)
-    ref_net = copy.deepcopy(net)
-    ref_opt = make[optimizer]([{"params": [p], "weight_decay": 0.0} for p in ref_net.parameters()])
-    decayed = {id(p) for p in opt.param_groups[1]["params"]}
-    ref_decayed = [q for p, q in zip(net.parameters(), ref_net.parameters(), strict=True) if id(p) in decayed]
+    reference = _ScheduledReference(optimizer, net, opt)
     seen = []
     for step, (x, y) in enumerate(data):
         lam = WD if step == 0 else written
@@ -287,14 +308,8 @@ def test_a_lambda_written_inside_the_closure_is_that_steps_lambda_applied_once(o
 
         opt.step(closure)
         seen.append(opt.param_groups[1]["weight_decay"])
-        # the reference: the optimizer without decay, then p <- p (1 - lr λ_t) on the decayed tensors
-        ref_opt.zero_grad()
-        loss_of(ref_net, x, y).backward()
-        ref_opt.step()
-        with torch.no_grad():
-            for q in ref_decayed:
-                q.mul_(1 - LR * lam)
-    for p, q in zip(net.parameters(), ref_net.parameters(), strict=True):
+        reference.step(x, y, lam)
+    for p, q in zip(net.parameters(), reference.net.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
     assert seen == [WD, written, written]
     assert opt.param_groups[0]["weight_decay"] == 0.0
@@ -307,8 +322,7 @@ def test_a_lambda_written_by_an_optimizer_step_pre_hook_is_that_steps_lambda_app
     writes the group's λ after the engine took it out: that value is this step's λ, decayed once by the
     engine, and the optimizer's own update still reads 0 (SGD would otherwise add it to the gradient)."""
     net, data = model(), batches(4)
-    make = {"SGD": lambda g: torch.optim.SGD(g, lr=LR, momentum=0.9), "AdamW": lambda g: torch.optim.AdamW(g, lr=LR)}
-    opt = make[optimizer](lwd.build_param_groups(net, lwd.presets.standard(WD)))
+    opt = _OPTIMIZERS[optimizer](lwd.build_param_groups(net, lwd.presets.standard(WD)))
     lambdas = [WD * (1 + t) / 2 for t in range(len(data))]
     steps = iter(lambdas)
 
@@ -323,25 +337,17 @@ def test_a_lambda_written_by_an_optimizer_step_pre_hook_is_that_steps_lambda_app
         handle = register_optimizer_step_pre_hook(schedule)
     elif where == "pre-hook-after-engine":
         handle = opt.register_step_pre_hook(schedule)
-    ref_net = copy.deepcopy(net)
-    ref_opt = make[optimizer]([{"params": [p], "weight_decay": 0.0} for p in ref_net.parameters()])
-    decayed = {id(p) for p in opt.param_groups[1]["params"]}
-    ref_decayed = [q for p, q in zip(net.parameters(), ref_net.parameters(), strict=True) if id(p) in decayed]
+    reference = _ScheduledReference(optimizer, net, opt)
     try:
         for (x, y), lam in zip(data, lambdas, strict=True):
             opt.zero_grad()
             loss_of(net, x, y).backward()
             opt.step()
-            ref_opt.zero_grad()
-            loss_of(ref_net, x, y).backward()
-            ref_opt.step()
-            with torch.no_grad():
-                for q in ref_decayed:
-                    q.mul_(1 - LR * lam)
+            reference.step(x, y, lam)
     finally:
         if where != "pre-hook-before-engine":
             handle.remove()
-    for p, q in zip(net.parameters(), ref_net.parameters(), strict=True):
+    for p, q in zip(net.parameters(), reference.net.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
     assert opt.param_groups[1]["weight_decay"] == lambdas[-1]  # the value written stays in the group
 
