@@ -24,7 +24,7 @@ Rows:
 * ``apply_decay_`` rows: :func:`lightning_wd.functional.apply_decay_` alone, with a float step
   (decoupled, lr_ratio and independent all use it), a 0-dim tensor step, ``ord=1``, and a mask
   (cautious, with :func:`~lightning_wd.functional.cautious_mask` computed in the pass);
-  ``relative`` adds :func:`~lightning_wd.functional.mean_abs` for the step;
+  ``relative`` adds :func:`~lightning_wd.functional.mean_abs` for the step (eager);
 * ``global_norm``: the norm logged on logging steps;
 * ``callback`` rows: the real step path of the callback's engine (``optimizer.step()`` through
   its wrapper, over an optimizer whose own update does nothing: λ out and back in, gradient check,
@@ -34,7 +34,9 @@ Rows:
   more, so for the large layout at the default size, else the foreach path), with ``fused=False``
   (the foreach path, what a machine without a C++ compiler gets) and with ``fused=True`` (the mask
   and decay as one ``torch.compile`` kernel per tensor; compiled in the warm-up rounds, so a C++
-  compiler is needed on CPU);
+  compiler is needed on CPU); ``relative`` with the default (on CPU, the measure by one compiled
+  kernel for a group of 8M elements or more) and with ``fused=False`` (the measure in cache-sized
+  blocks, two operations each);
   ``contiguous group`` rows run it over parameters laid out in one buffer by
   :func:`~lightning_wd.functional.make_contiguous_` (``WDMixin.contiguous_parameters = True``).
 * with ``--compiled``, ``torch.compile`` rows: the cautious mask and decay fused into one kernel
@@ -117,6 +119,9 @@ def _cases(
         "lr_ratio": EngineHarness(params, weight_decay=WD, lr=LR, mode="lr_ratio"),
         "independent": EngineHarness(params, weight_decay=WD * LR, lr=LR, mode="independent"),
         "relative (params, mean_abs)": EngineHarness(params, weight_decay=WD, lr=LR, mode="relative"),
+        "relative, fused=False (the eager measure)": EngineHarness(
+            params, weight_decay=WD, lr=LR, mode="relative", fused=False
+        ),
         "L1 (ord=1)": EngineHarness(params, weight_decay=WD, lr=LR, ord=1),
         "decoupled, logged step": EngineHarness(params, weight_decay=WD, lr=LR, logging=True),
     }
@@ -156,6 +161,7 @@ TARGETS = [
     ("large", "callback independent", 1.15),
     ("large", "callback L1 (ord=1)", 2.5),
     ("large", "callback relative (params, mean_abs)", 2.5),
+    ("large", "callback relative, fused=False (the eager measure)", 2.5),
     ("large", "callback cautious: full step (snapshot + mask + decay)", 4.0),
     ("large", "callback cautious, fused=True: full step", 4.0),
     ("large", "callback cautious, fused=False: full step (the foreach path)", 4.0),

@@ -126,11 +126,12 @@ class WeightDecayCallback(Callback):
             step η_t·λ), ``update_ratio`` (‖Δp‖/‖p‖) and ``angular_update`` (radians between the
             parameters before and after the step), and print a report per group at the end of the fit
             (``report``): the timescale against the run's length, and whether ``param_norm`` settled.
-        fused: How ``cautious=True`` groups of a few large tensors are decayed (see ``WeightDecay``):
-            ``True``, with one kernel compiled by ``torch.compile`` (one pass instead of several, a
-            compile at the first step, and the foreach path, with one warning, where compiling fails);
-            ``None`` (the default), with that kernel only for CPU groups of at least 8M elements, where
-            it repays its compile, quietly falling back; ``False``, never.
+        fused: How ``cautious=True`` groups of a few large tensors are decayed, and how ``relative``
+            mode's ``mean_abs`` is measured on them (see ``WeightDecay``): ``True``, with kernels compiled
+            by ``torch.compile`` (one pass instead of several, a compile at the first step, and the
+            eager path, with one warning, where compiling fails); ``None`` (the default), with those
+            kernels only for CPU groups of at least 8M elements, where they repay their compile, quietly
+            falling back; ``False``, never.
 
     Raises:
         ValueError: on an unknown ``mode``, ``source``, ``metric`` or ``ord``, or ``source``/``metric``

@@ -147,11 +147,15 @@ class DecayOptions:
                 f"`fused` must be None (the compiled kernel where it pays: large CPU groups), True or False, got"
                 f" {type(self.fused).__name__} {self.fused!r}. Pass a bool or None."
             )
-        if self.fused and (not self.cautious or self.toward is not None):
+        if self.fused and not (
+            (self.cautious and self.toward is None) or (self.mode == "relative" and self.metric == "mean_abs")
+        ):
             raise ValueError(
-                f"`fused`=True fuses the cautious mask and decay, so it needs cautious=True without `toward`; got"
-                f" cautious={self.cautious!r}, toward={'given' if self.toward is not None else None}. Pass"
-                " cautious=True (and no `toward`), or drop fused."
+                f"`fused`=True compiles the cautious mask and decay, and relative's mean_abs measure, so it needs"
+                f" cautious=True without `toward`, or mode='relative' with metric='mean_abs'; got"
+                f" cautious={self.cautious!r}, toward={'given' if self.toward is not None else None},"
+                f" mode={self.mode!r}, metric={self.metric!r}. Pass cautious=True (and no `toward`) or"
+                " mode='relative', or drop fused."
             )
         if self.schedule is not None and not callable(self.schedule):
             raise TypeError(
@@ -507,13 +511,15 @@ class WeightDecay:
         track_diagnostics: Measure each group's ``update_ratio`` and ``angular_update`` at the next
             steps (for ``metrics(diagnostics=True)``); set it only before steps you log.
         fused: How ``cautious=True`` groups of a few large tensors (at most 8, or 32k elements each on
-            average) are decayed: ``True``, with one kernel compiled by ``torch.compile`` (any floating
-            dtype and device): one pass over the parameters and their copy instead of several; the first
-            step compiles it (seconds; on CPU a C++ compiler is needed), and where compiling fails one
-            warning says why and the foreach path decays instead, with the same result. ``None`` (the
-            default): the compiled kernel only for groups of at least 8M elements on CPU, where it repays
-            its compile within about a thousand steps, falling back quietly; ``False``: never. Other
-            modes, ``toward``, steps with ``track_diagnostics`` and other tensors are not affected.
+            average) are decayed, and how ``mode="relative"`` measures ``mean_abs`` on them: ``True``,
+            with a kernel compiled by ``torch.compile`` (any floating dtype and device): one pass over
+            the parameters and their copy instead of several, and the measure in one read instead of
+            1.6-2 passes; the first step compiles it (seconds; on CPU a C++ compiler is needed), and
+            where compiling fails one warning says why and the eager path takes over, with the same
+            result. ``None`` (the default): the compiled kernels only for groups of at least 8M elements
+            on CPU, where they repay their compile within a few thousand steps, falling back quietly;
+            ``False``: never. Other modes and metrics, ``toward``, steps with ``track_diagnostics`` and
+            other tensors are not affected.
 
     Raises:
         TypeError: on an ``optimizer`` that is not one, a flag that is not a bool, or ``rules``
@@ -1316,12 +1322,13 @@ class WeightDecay:
     def _relative_measure(self, bucket: _Bucket, parts: list[_Part]) -> Tensor:
         """``m`` over the whole bucket (all ranks' shards), on the tensors that have a gradient."""
         opts = self.options
-        measure_of = F._mean_abs if opts.metric == "mean_abs" else F._rms
         if bucket.views is not None:  # FSDP1: the counts are added up with the sums, over the shard groups
             return self._views_measure(bucket, parts)
         if opts.source == "grad":  # gradients have their own placements: let the functional read them
             grads = list(map(_grad_of, _joined([part.params for part in parts])))
-            return F.mean_abs(grads) if opts.metric == "mean_abs" else F.rms(grads)
+            if opts.metric == "mean_abs":
+                return F._mean_abs(*F._split(grads), F._numel(grads), opts.fused)
+            return F.rms(grads)
         if sum(len(part.params) for part in parts) == len(bucket.params):
             numel = bucket.numel  # every parameter has a gradient
         else:
@@ -1335,7 +1342,9 @@ class WeightDecay:
             for part in parts:
                 torch._foreach_sub_(part.before, part.tensors)
             tensors = _joined([part.before for part in parts])
-        return measure_of(tensors, layouts, numel)
+        if opts.metric == "mean_abs":
+            return F._mean_abs(tensors, layouts, numel, opts.fused)
+        return F._rms(tensors, layouts, numel)
 
     def _views_measure(self, bucket: _Bucket, parts: list[_Part]) -> Tensor:
         """``m`` of a bucket of FSDP1 views: from each rank's local views, with one ``all_reduce`` per shard group."""

@@ -582,9 +582,21 @@ def _cautious_kernel(p: Tensor, b: Tensor, step: Tensor, soft: bool) -> None:
     p.copy_(torch.where(moved, decayed, p))
 
 
-#: ``_cautious_kernel`` compiled on first use; the reason, once compiling it failed (or no C++ compiler
-#: was found for a CPU kernel), and whether a ``fused=True`` caller was told.
-_FUSED: dict[str, Any] = {"kernel": None, "failed": None, "warned": False}
+#: Elements per row of ``_abs_sum_kernel``: each row is summed in registers (no cascade of partial
+#: sums over the whole tensor, which halves the speed of a compiled 1-D sum on CPU), then the rows.
+_ROW = 1 << 12
+
+
+def _abs_sum_kernel(x: Tensor) -> Tensor:
+    """``sum |x|`` of one flat tensor of whole rows of ``_ROW`` elements, for ``torch.compile``: one read of
+    memory and no scratch (float64 sums in float64, other dtypes in float32)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.view(-1, _ROW).abs().sum(1, dtype=dtype).sum()
+
+
+#: ``_cautious_kernel`` and ``_abs_sum_kernel`` compiled on first use; the reason, once compiling one
+#: failed (or no C++ compiler was found for a CPU kernel), and whether a ``fused=True`` caller was told.
+_FUSED: dict[str, Any] = {"kernel": None, "abs_sum": None, "failed": None, "warned": False}
 
 #: Elements of one device and dtype from which ``fused=None`` (the default) decays a cautious group of a
 #: few large CPU tensors by the compiled kernel: 8M (32 MiB of float32), where the kernel saves about
@@ -597,15 +609,16 @@ _AUTO_FUSED_NUMEL = 1 << 23
 _CXX = ("g++", "c++", "clang++", "cl")
 
 
-def _fuse_by_default(tensors: list[Tensor], numel: int | None) -> bool:
-    """Whether ``fused=None`` takes the compiled kernel for ``tensors``: at least ``_AUTO_FUSED_NUMEL``
-    elements of a few large CPU tensors, on a machine with a C++ compiler (checked once)."""
+def _fuse_by_default(tensors: list[Tensor], numel: int | None, kernel: str = "kernel") -> bool:
+    """Whether ``fused=None`` takes the compiled ``kernel`` (a key of ``_FUSED``) for ``tensors``: at least
+    ``_AUTO_FUSED_NUMEL`` elements of a few large CPU tensors, on a machine with a C++ compiler (looked for
+    until the kernel is compiled)."""
     if _FUSED["failed"] is not None or tensors[0].device.type != "cpu":
         return False
     total = numel if numel is not None else sum(map(Tensor.numel, tensors))
     if total < _AUTO_FUSED_NUMEL:
         return False
-    if _FUSED["kernel"] is None and not any(map(shutil.which, _CXX)):
+    if _FUSED[kernel] is None and not any(map(shutil.which, _CXX)):
         _FUSED["failed"] = "no C++ compiler found (one of " + ", ".join(_CXX) + ")"
         return False
     return True
@@ -626,16 +639,21 @@ def _fused_cautious_(
     done = 0
     if _FUSED["failed"] is None and _fusable(tensors, before, numel):
         done = _run_fused(tensors, before, step, ord)
-    if warn and _FUSED["failed"] is not None and not _FUSED["warned"]:
+    if warn:
+        _warn_unfused("the cautious decay kernel", "the decay continues on the foreach path, with the same result")
+    return done
+
+
+def _warn_unfused(kernel: str, instead: str) -> None:
+    """Tell a ``fused=True`` caller, once per process, that compiling failed and why."""
+    if _FUSED["failed"] is not None and not _FUSED["warned"]:
         _FUSED["warned"] = True
         warnings.warn(
-            f"fused=True could not compile the cautious decay kernel with torch.compile ({_FUSED['failed']});"
-            " the decay continues on the foreach path, with the same result. Install a C++ compiler (CPU) or"
-            " pass fused=False to silence this.",
+            f"fused=True could not compile {kernel} with torch.compile ({_FUSED['failed']}); {instead}. Install a"
+            " C++ compiler (CPU) or pass fused=False to silence this.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return done
 
 
 def _run_fused(tensors: list[Tensor], before: list[Tensor], step: Step, ord: int) -> int:
@@ -659,11 +677,14 @@ def _run_fused(tensors: list[Tensor], before: list[Tensor], step: Step, ord: int
 
 def _fusable(tensors: list[Tensor], before: list[Tensor], numel: int | None) -> bool:
     """Whether ``tensors`` and their copies suit the compiled kernel: a few large contiguous float tensors."""
-    dtype = tensors[0].dtype
+    dtype, device = tensors[0].dtype, tensors[0].device
     return (
         _few_large(tensors, numel)
         and dtype.is_floating_point
-        and all(type(t) in _PLAIN_CLASSES and t.dtype == dtype and t.is_contiguous() for t in (*tensors, *before))
+        and all(
+            type(t) in _PLAIN_CLASSES and t.dtype == dtype and t.device == device and t.is_contiguous()
+            for t in (*tensors, *before)
+        )
     )
 
 
@@ -1078,14 +1099,24 @@ def _by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
     return group_by_device_and_dtype(tensors)
 
 
-def _abs_sum(tensors: Sequence[Tensor]) -> Tensor:
+def _abs_sum(tensors: Sequence[Tensor], fused: bool | None = False) -> Tensor:
     """``sum |x|`` over all elements of ``tensors`` (float32, 0-dim, on the first tensor's device).
 
     On CPU, the foreach L1 norm reduces element by element, several times slower than a pass over
     memory; few or large float32/float64 tensors (``_few_large``: a contiguous group's buffer, a
     model's weight matrices) are instead summed in blocks that stay in cache: absolute values into
-    one scratch block, then the vectorised sum. Everything else is reduced with the foreach norms.
+    one scratch block, then the vectorised sum (1.6-2x a ``mul_`` pass, the two operations per block
+    costing more than the memory they read). ``fused`` (as the engine's): ``True``, or ``None`` where
+    ``_fuse_by_default`` says it pays, sums few or large contiguous tensors of one floating dtype by
+    ``_abs_sum_kernel`` compiled by ``torch.compile`` instead, in one read (about one ``mul_`` pass);
+    where compiling fails, as above. Everything else is reduced with the foreach norms.
     """
+    if fused or (fused is None and _fuse_by_default(list(tensors), None, "abs_sum")):
+        total = _fused_abs_sum(tensors) if _FUSED["failed"] is None and _fusable(list(tensors), [], None) else None
+        if fused:
+            _warn_unfused("the measure's kernel", "the measure is taken on the eager path, with the same value")
+        if total is not None:
+            return total
     if not _in_blocks(tensors, ()):
         return _norms(tensors, 1).sum()
     dtype = tensors[0].dtype
@@ -1099,7 +1130,30 @@ def _abs_sum(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(sums).sum().float()
 
 
-def _local_power_sum(tensors: Sequence[Tensor], ord: float) -> Tensor:
+def _fused_abs_sum(tensors: Sequence[Tensor]) -> Tensor | None:
+    """``sum |x|`` by the compiled ``_abs_sum_kernel`` (whole rows; a short tail eagerly), or None where
+    compiling fails (recorded in ``_FUSED``: every later call takes the eager path)."""
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    sums = []
+    try:
+        for t in tensors:
+            flat = t.detach().view(-1)
+            whole = flat.numel() - flat.numel() % _ROW
+            if whole:
+                if _FUSED["abs_sum"] is None:
+                    _FUSED["abs_sum"] = torch.compile(_abs_sum_kernel, dynamic=True, fullgraph=True)
+                sums.append(_FUSED["abs_sum"](flat[:whole]))
+            if whole < flat.numel():
+                sums.append(flat[whole:].abs().sum(dtype=dtype))
+    except Exception as err:  # the compiler's failure: the caller measures on the eager path
+        _FUSED["failed"] = f"{type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
+        return None
+    if not sums:
+        return torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+    return torch.stack(sums).sum().float()
+
+
+def _local_power_sum(tensors: Sequence[Tensor], ord: float, fused: bool | None = False) -> Tensor:
     """``sum |x|^ord`` (``max |x|`` for ``ord=inf``) over the elements of ``tensors`` (float32, 0-dim)."""
     if ord == math.inf:
         # An empty tensor (an empty shard) adds nothing, but has no max: leave it out.
@@ -1108,14 +1162,16 @@ def _local_power_sum(tensors: Sequence[Tensor], ord: float) -> Tensor:
             return torch.zeros((), dtype=torch.float32, device=tensors[0].device)
         return _norms(nonempty, ord).amax()
     if ord == 1:
-        return _abs_sum(tensors)
+        return _abs_sum(tensors, fused)
     norms = _norms(tensors, ord)
     if ord == 2:
         return norms.square().sum()
     return norms.pow(ord).sum()
 
 
-def _power_sum(tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, ord: float) -> Tensor:
+def _power_sum(
+    tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, ord: float, fused: bool | None = False
+) -> Tensor:
     """``sum |x|^ord`` (``max |x|`` for ``ord=inf``) over all elements of the whole tensors.
 
     ``tensors`` are local parts and ``layouts`` their ``_Layout`` (None: all held whole): the sums
@@ -1124,14 +1180,14 @@ def _power_sum(tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, ord
     every process.
     """
     if layouts is None or not any(layouts):
-        return _local_power_sum(tensors, ord)
+        return _local_power_sum(tensors, ord, fused)
     by_layout: dict[_Layout, list[Tensor]] = {}
     for t, layout in zip(tensors, layouts, strict=True):
         by_layout.setdefault(layout, []).append(t)
     device = tensors[0].device
     parts = []
     for layout, group in by_layout.items():
-        part = _local_power_sum(group, ord)
+        part = _local_power_sum(group, ord, fused)
         if layout is not None:
             mesh, dims = layout
             op = dist.ReduceOp.MAX if ord == math.inf else dist.ReduceOp.SUM
@@ -1163,9 +1219,11 @@ def _global_norm(tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, o
     return _root(_power_sum(tensors, layouts, ord), ord)
 
 
-def _mean_abs(tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, numel: int) -> Tensor:
+def _mean_abs(
+    tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, numel: int, fused: bool | None = False
+) -> Tensor:
     """``mean_abs`` of local parts with their ``_Layout``; ``numel`` is the whole tensors' count."""
-    return _power_sum(tensors, layouts, 1.0) / max(numel, 1)
+    return _power_sum(tensors, layouts, 1.0, fused) / max(numel, 1)
 
 
 def _rms(tensors: Sequence[Tensor], layouts: Sequence[_Layout] | None, numel: int) -> Tensor:

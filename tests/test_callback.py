@@ -97,6 +97,40 @@ def test_fused_cautious_decay_matches_reference_and_runs_the_compiled_kernel(tmp
     assert sum(calls) == 5 * decayed  # every decayed element, once per step, by the compiled kernel
 
 
+@pytest.mark.skipif(
+    not any(map(shutil.which, ("g++", "clang++", "c++"))), reason="torch.compile needs a C++ compiler on CPU"
+)
+def test_fused_relative_measure_matches_reference_and_runs_the_compiled_kernel(tmp_path, monkeypatch):
+    """``fused=True`` in relative mode: the decay of the formula, m measured by the kernel torch.compile made."""
+    from lightning_wd import functional as F
+
+    calls = []
+    compile_ = torch.compile
+
+    def counting_compile(fn, **kwargs):
+        compiled = compile_(fn, **kwargs)
+
+        def run(x):
+            calls.append(x.numel())
+            return compiled(x)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    monkeypatch.setattr(F, "_ROW", 8)  # rows of 8: the small decayed tensors have whole rows and a tail
+    monkeypatch.setitem(F._FUSED, "abs_sum", None)
+    monkeypatch.setitem(F._FUSED, "failed", None)
+    model = WDNet(scheduler=step_scheduler)
+    recorder = StepRecorder(WDS, mode="relative")
+    callback = lwd.WeightDecayCallback(mode="relative", fused=True)
+    t = trainer(tmp_path, [callback, recorder])
+    t.fit(model, loader())
+    assert recorder.checked == 5
+    assert F._FUSED["failed"] is None
+    rows = sum(p.numel() // 8 * 8 for n, p in model.named_parameters() if n in WDS)
+    assert sum(calls) == 5 * rows  # every whole row of the decayed tensors, once per step, by the compiled kernel
+
+
 def test_accumulation_over_odd_batches_decays_once_per_real_step(tmp_path):
     """accumulate 2 over 5 batches: steps after batches 2, 4 and 5; micro-batches leave parameters alone."""
     recorder = StepRecorder(WDS, mode="decoupled")

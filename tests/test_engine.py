@@ -550,6 +550,12 @@ ENGINE_ROWS = [
     ("fused", dict(fused=1), TypeError, "Pass a bool"),
     ("fused", dict(fused=True), ValueError, r"needs cautious=True.*Pass cautious=True"),
     ("fused", dict(fused=True, cautious=True, toward="init"), ValueError, r"without `toward`.*or drop fused"),
+    (
+        "fused",
+        dict(fused=True, mode="relative", metric="rms"),
+        ValueError,
+        r"metric=.mean_abs.*got.*metric=.rms.*drop fused",
+    ),
     ("toward", dict(toward="pretrained"), ValueError, "use 'init'"),
     ("toward", dict(toward=[1.0]), TypeError, r"Pass 'init' or for example `pretrained\.state_dict\(\)`"),
     ("toward", dict(toward="init", mode="relative"), ValueError, "Use mode='decoupled'"),
@@ -729,3 +735,72 @@ def test_the_default_does_not_compile_without_a_cpp_compiler(monkeypatch):
     for n, p in net.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
     assert "no C++ compiler" in F._FUSED["failed"]
+
+
+def _counting_abs_sum(calls: list, fail_at: int | None = None):
+    """A stand-in for the compiled measure: the same formula run eagerly, each call's length counted."""
+    from lightning_wd import functional as F
+
+    def kernel(x):
+        calls.append(x.numel())
+        if len(calls) == fail_at:
+            raise RuntimeError("InductorError: C++ compile error")
+        return F._abs_sum_kernel(x)
+
+    return kernel
+
+
+@pytest.mark.parametrize("source", ["params", "update", "grad"])
+def test_fused_relative_measures_whole_rows_by_the_kernel_and_the_tail_eagerly(monkeypatch, source):
+    """``fused=True``: m is the documented mean |x|; rows of ``_ROW`` elements go to the kernel, the rest not."""
+    from lightning_wd import functional as F
+
+    calls: list[int] = []
+    monkeypatch.setattr(F, "_ROW", 5)  # the decayed tensors (24 and 12 elements): 4 rows and a tail, 2 and a tail
+    monkeypatch.setitem(F._FUSED, "abs_sum", _counting_abs_sum(calls))
+    monkeypatch.setitem(F._FUSED, "failed", None)
+    net, data = model(), batches()
+    expected = reference(net, data, mode="relative", source=source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_engine(net, data, mode="relative", source=source, fused=True)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert calls == [20, 10] * len(data)
+
+
+@pytest.mark.parametrize(("threshold", "fused"), [(36, True), (37, False)], ids=["large-enough", "too-small"])
+def test_the_default_measures_relative_by_the_kernel_only_for_cpu_groups_large_enough(monkeypatch, threshold, fused):
+    """``fused=None``: the decayed group (36 elements) is measured by the kernel from ``_AUTO_FUSED_NUMEL`` elements."""
+    from lightning_wd import functional as F
+
+    calls: list[int] = []
+    monkeypatch.setattr(F, "_ROW", 4)
+    monkeypatch.setitem(F._FUSED, "abs_sum", _counting_abs_sum(calls))
+    monkeypatch.setitem(F._FUSED, "failed", None)
+    monkeypatch.setattr(F, "_AUTO_FUSED_NUMEL", threshold)
+    net, data = model(), batches()
+    expected = reference(net, data, mode="relative")
+    run_engine(net, data, mode="relative")
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert calls == ([24, 12] * len(data) if fused else [])
+
+
+def test_a_failed_compile_of_the_measure_falls_back_with_one_warning_and_the_same_decay(monkeypatch):
+    """The kernel fails on the second tensor of the first step: that step's m is measured again eagerly."""
+    from lightning_wd import functional as F
+
+    calls: list[int] = []
+    monkeypatch.setattr(F, "_ROW", 4)
+    monkeypatch.setitem(F._FUSED, "abs_sum", _counting_abs_sum(calls, fail_at=2))
+    monkeypatch.setitem(F._FUSED, "failed", None)
+    monkeypatch.setitem(F._FUSED, "warned", False)
+    net, data = model(), batches()
+    expected = reference(net, data, mode="relative")
+    with pytest.warns(UserWarning, match=r"could not compile the measure's kernel.*InductorError.*eager path") as seen:
+        run_engine(net, data, mode="relative", fused=True)
+    assert len([w for w in seen if "could not compile" in str(w.message)]) == 1
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert calls == [24, 12]  # never tried again
