@@ -535,9 +535,11 @@ def _apply_decay_(
 _FEW_TENSORS = 8
 _LARGE_TENSOR = 1 << 15
 #: Elements per block where large CPU tensors are worked on in blocks: a block's intermediate values
-#: stay in cache (512 KiB of float32: of 2^14 to 2^18, the fastest for the measure and the mask on the
-#: benchmark machine, whose cores have 2 MiB of L2 cache).
-_BLOCK = 1 << 17
+#: stay in cache (1 MiB of float32), and each block costs two to four operator calls of a few µs, so
+#: smaller blocks pay more calls than they save. Of 2^16 to 2^19 on the machines of BENCHMARKS.md:
+#: 2^18 was 7-12 % faster than 2^17 for the measure and 9 % for the cautious mask on two AMD EPYC
+#: machines (512 KiB and 1 MiB of L2 per core), where 2^17 had been the fastest on an Intel Xeon (2 MiB).
+_BLOCK = 1 << 18
 
 
 def _few_large(tensors: Sequence[Tensor], numel: int | None = None) -> bool:
@@ -737,7 +739,7 @@ def _cautious_decay_(
       the last bit of a fused multiply-add, and ``p`` exactly elsewhere);
     * ``ord=1``: ``p <- p + q * clamp(p, -step, step)`` (the soft threshold where ``q = -1``).
 
-    Few or large (``_few_large``) float32/float64 tensors on CPU are worked on in blocks of 2^17 elements, with two
+    Few or large (``_few_large``) float32/float64 tensors on CPU are worked on in blocks of 2^18 elements, with two
     scratch blocks instead of a temporary the size of the tensors, and fewer operations: the mask
     ``m = [(p - b) b < 0]`` (1 where ``q = -1``) is formed in a scratch block, and ``p <- p - step * p * m``
     (``p - m * clamp(p, -step, step)`` for ``ord=1``), the same bits as with ``q``: multiplying by -1

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_wd import functional as F
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,8 +58,8 @@ def _bytes(text: str) -> float:
 
 
 #: On CPU, a few large tensors are measured (`relative`) and masked (`cautious`) block by block, with
-#: scratch blocks of 2**17 float32: one for the measure, two for the mask (1 MiB).
-_SCRATCH = 2**20 + 2**14
+#: scratch blocks of `_BLOCK` float32: one for the measure, two for the mask (2 MiB), plus a few bytes.
+_SCRATCH = 2 * 4 * F._BLOCK + 2**14
 
 
 def test_memory_benchmark_shows_the_documented_cost():

@@ -195,7 +195,7 @@ def test_many_large_tensors_take_the_paths_of_a_few_large_ones(kwargs, expected)
 
     (Each larger than the two scratch blocks together, so that those are not taken for memory traffic.)
     """
-    params = _params(12, 2**18 + 3)
+    params = _params(12, 2 * F._BLOCK + 3)
     optimizer, _ = _engine(params, **kwargs)
     optimizer.step()
     passes, _ = _passes(params, optimizer.step)
