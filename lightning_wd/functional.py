@@ -590,10 +590,12 @@ _ROW = 1 << 12
 
 
 def _abs_sum_kernel(x: Tensor) -> Tensor:
-    """``sum |x|`` of one flat tensor of whole rows of ``_ROW`` elements, for ``torch.compile``: one read of
-    memory and no scratch (float64 sums in float64, other dtypes in float32)."""
+    """``sum |x|`` of one flat tensor, for ``torch.compile``: its whole rows of ``_ROW`` elements row by row,
+    then the last elements, in one call; one read of memory and no scratch (float64 sums in float64, other
+    dtypes in float32)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.view(-1, _ROW).abs().sum(1, dtype=dtype).sum()
+    whole = x.numel() - x.numel() % _ROW
+    return x[:whole].view(-1, _ROW).abs().sum(1, dtype=dtype).sum() + x[whole:].abs().sum(dtype=dtype)
 
 
 #: ``_cautious_kernel`` and ``_abs_sum_kernel`` compiled on first use; the reason, once compiling one
@@ -1110,8 +1112,9 @@ def _abs_sum(tensors: Sequence[Tensor], fused: bool | None = False) -> Tensor:
     one scratch block, then the vectorised sum (1.6-2x a ``mul_`` pass, the two operations per block
     costing more than the memory they read). ``fused`` (as the engine's): ``True``, or ``None`` where
     ``_fuse_by_default`` says it pays, sums few or large contiguous tensors of one floating dtype by
-    ``_abs_sum_kernel`` compiled by ``torch.compile`` instead, in one read (about one ``mul_`` pass);
-    where compiling fails, as above. Everything else is reduced with the foreach norms.
+    ``_abs_sum_kernel`` compiled by ``torch.compile`` instead, one call per tensor and one read (about
+    one ``mul_`` pass for a few large tensors); where compiling fails, as above. Everything else is
+    reduced with the foreach norms.
     """
     if fused or (fused is None and _fuse_by_default(list(tensors), None, "abs_sum")):
         total = _fused_abs_sum(tensors) if _FUSED["failed"] is None and _fusable(list(tensors), [], None) else None
@@ -1133,20 +1136,16 @@ def _abs_sum(tensors: Sequence[Tensor], fused: bool | None = False) -> Tensor:
 
 
 def _fused_abs_sum(tensors: Sequence[Tensor]) -> Tensor | None:
-    """``sum |x|`` by the compiled ``_abs_sum_kernel`` (whole rows; a short tail eagerly), or None where
-    compiling fails (recorded in ``_FUSED``: every later call takes the eager path)."""
-    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    """``sum |x|`` by the compiled ``_abs_sum_kernel``, one call per tensor, or None where compiling fails
+    (recorded in ``_FUSED``: every later call takes the eager path)."""
     sums = []
     try:
         for t in tensors:
-            flat = t.detach().view(-1)
-            whole = flat.numel() - flat.numel() % _ROW
-            if whole:
-                if _FUSED["abs_sum"] is None:
-                    _FUSED["abs_sum"] = torch.compile(_abs_sum_kernel, dynamic=True, fullgraph=True)
-                sums.append(_FUSED["abs_sum"](flat[:whole]))
-            if whole < flat.numel():
-                sums.append(flat[whole:].abs().sum(dtype=dtype))
+            if not t.numel():  # nothing to add (and no shape worth a compile)
+                continue
+            if _FUSED["abs_sum"] is None:
+                _FUSED["abs_sum"] = torch.compile(_abs_sum_kernel, dynamic=True, fullgraph=True)
+            sums.append(_FUSED["abs_sum"](t.detach().view(-1)))
     except Exception as err:  # the compiler's failure: the caller measures on the eager path
         _FUSED["failed"] = f"{type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
         return None

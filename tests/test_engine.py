@@ -751,12 +751,12 @@ def _counting_abs_sum(calls: list, fail_at: int | None = None):
 
 
 @pytest.mark.parametrize("source", ["params", "update", "grad"])
-def test_fused_relative_measures_whole_rows_by_the_kernel_and_the_tail_eagerly(monkeypatch, source):
-    """``fused=True``: m is the documented mean |x|; rows of ``_ROW`` elements go to the kernel, the rest not."""
+def test_fused_relative_measures_every_tensor_by_the_kernel(monkeypatch, source):
+    """``fused=True``: m is the documented mean |x|, each decayed tensor measured by one call of the kernel."""
     from lightning_wd import functional as F
 
     calls: list[int] = []
-    monkeypatch.setattr(F, "_ROW", 5)  # the decayed tensors (24 and 12 elements): 4 rows and a tail, 2 and a tail
+    monkeypatch.setattr(F, "_ROW", 5)  # the decayed tensors (24 and 12 elements): rows of 5 and a rest
     monkeypatch.setitem(F._FUSED, "abs_sum", _counting_abs_sum(calls))
     monkeypatch.setitem(F._FUSED, "failed", None)
     net, data = model(), batches()
@@ -766,7 +766,20 @@ def test_fused_relative_measures_whole_rows_by_the_kernel_and_the_tail_eagerly(m
         run_engine(net, data, mode="relative", source=source, fused=True)
     for n, p in net.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
-    assert calls == [20, 10] * len(data)
+    assert calls == [24, 12] * len(data)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("numel", [0, 3, 4096, 4096 * 3 + 7])
+def test_the_measure_kernel_sums_rows_and_the_rest(dtype, numel):
+    """``_abs_sum_kernel`` (run eagerly) against float64 sums, at sizes around its rows of 4,096."""
+    from lightning_wd import functional as F
+
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel), dtype=torch.float64)
+    total = F._abs_sum_kernel(x.to(dtype))
+    assert total.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    expected = float(x.to(dtype).double().abs().sum())
+    assert float(total) == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
 @pytest.mark.parametrize(("threshold", "fused"), [(36, True), (37, False)], ids=["large-enough", "too-small"])
@@ -775,7 +788,6 @@ def test_the_default_measures_relative_by_the_kernel_only_for_cpu_groups_large_e
     from lightning_wd import functional as F
 
     calls: list[int] = []
-    monkeypatch.setattr(F, "_ROW", 4)
     monkeypatch.setitem(F._FUSED, "abs_sum", _counting_abs_sum(calls))
     monkeypatch.setitem(F._FUSED, "failed", None)
     monkeypatch.setattr(F, "_AUTO_FUSED_NUMEL", threshold)
@@ -792,7 +804,6 @@ def test_a_failed_compile_of_the_measure_falls_back_with_one_warning_and_the_sam
     from lightning_wd import functional as F
 
     calls: list[int] = []
-    monkeypatch.setattr(F, "_ROW", 4)
     monkeypatch.setitem(F._FUSED, "abs_sum", _counting_abs_sum(calls, fail_at=2))
     monkeypatch.setitem(F._FUSED, "failed", None)
     monkeypatch.setitem(F._FUSED, "warned", False)
