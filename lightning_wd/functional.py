@@ -53,6 +53,7 @@ from __future__ import annotations
 import ctypes
 import math
 import shutil
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
@@ -692,12 +693,47 @@ def _fusable(tensors: list[Tensor], before: list[Tensor], numel: int | None) -> 
     )
 
 
+#: How ``_copies`` copies a few large contiguous CPU tensors: ``"memmove"`` (the C library's) or ``"copy_"``
+#: (torch's kernel), whichever was the faster on the first copy of at least ``_TIMED_COPY_BYTES``
+#: (``_copy_into``); None until then. Neither is faster everywhere: ``memmove`` took 1.6-1.8 passes of
+#: a ``mul_`` against 2.1 for torch's on one AMD EPYC machine of BENCHMARKS.md, and 2.2-2.4 against
+#: 1.8-2.0 on another. Both give the same bits.
+_COPY: dict[str, str | None] = {"method": None}
+_TIMED_COPY_BYTES = 1 << 20
+
+
+def _copy_into(copy: Tensor, t: Tensor) -> None:
+    """``copy[:] = t`` (contiguous CPU tensors of one shape and dtype) by the faster way of ``_COPY``.
+
+    The first copy of at least ``_TIMED_COPY_BYTES`` is made three times each way, alternately, and
+    the way with the shorter best time is kept for the process (a few copies more, once).
+    """
+    nbytes = t.numel() * t.element_size()
+    method = _COPY["method"]
+    if method is None and nbytes >= _TIMED_COPY_BYTES:
+        best = {"memmove": math.inf, "copy_": math.inf}
+        for _ in range(3):
+            for way in best:
+                start = time.perf_counter()
+                _copy_by(way, copy, t, nbytes)
+                best[way] = min(best[way], time.perf_counter() - start)
+        _COPY["method"] = method = min(best, key=best.__getitem__)
+    _copy_by(method or "memmove", copy, t, nbytes)
+
+
+def _copy_by(way: str, copy: Tensor, t: Tensor, nbytes: int) -> None:
+    if way == "copy_":
+        copy.copy_(t.detach())
+    else:
+        ctypes.memmove(copy.data_ptr(), t.data_ptr(), nbytes)
+
+
 def _copies(tensors: list[Tensor], numel: int | None = None, spare: list[Tensor] | None = None) -> list[Tensor]:
     """Copies of ``tensors`` (one device and dtype), the same bits.
 
-    Few or large contiguous CPU tensors (``_few_large``) are copied by the C library's ``memmove``,
-    which writes past the cache without reading the destination first: 1.6-1.8 passes of a
-    ``mul_`` against 2.1 for torch's copy on the benchmark machine. ``spare`` (a list the caller keeps
+    Few or large contiguous CPU tensors (``_few_large``) are copied one by one, by the C library's
+    ``memmove`` or torch's copy kernel, whichever ``_copy_into`` found the faster on this machine (they
+    differ by 15-25 % either way on the machines of BENCHMARKS.md). ``spare`` (a list the caller keeps
     from one call to the next) then receives the copies, and the next call copies into those of them
     whose shape and dtype still match instead of allocating: memory freed between steps goes back to
     the C library and often to the kernel, and a new copy would fault every page in again (5x the
@@ -713,7 +749,7 @@ def _copies(tensors: list[Tensor], numel: int | None = None, spare: list[Tensor]
             if copy is None or copy.shape != t.shape or copy.dtype != t.dtype or copy.data_ptr() == t.data_ptr():
                 copy = torch.empty_like(t, memory_format=torch.contiguous_format)
             if t.numel():  # (an empty tensor may have no address at all)
-                ctypes.memmove(copy.data_ptr(), t.data_ptr(), t.numel() * t.element_size())
+                _copy_into(copy, t)
             out.append(copy)
         if spare is not None:
             spare[:] = out

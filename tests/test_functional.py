@@ -142,13 +142,15 @@ def test_numel_may_be_given_as_any_int_at_least_zero():
     assert float(F.mean_abs(tensors, numel=0)) == 7.0  # no elements counted: divided by 1, as for empty tensors
 
 
-def test_the_engines_copies_hold_the_same_bits_in_their_own_memory(monkeypatch):
+@pytest.mark.parametrize("way", ["memmove", "copy_"])
+def test_the_engines_copies_hold_the_same_bits_in_their_own_memory(monkeypatch, way):
     """``_copies`` (the snapshot of cautious and update modes): bit for bit, NaN, -0.0 and inf included."""
     moved = []
-    memmove = F.ctypes.memmove
-    monkeypatch.setattr(F.ctypes, "memmove", lambda dst, src, n: (moved.append(n), memmove(dst, src, n))[1])
+    copy_by = F._copy_by
+    monkeypatch.setitem(F._COPY, "method", way)
+    monkeypatch.setattr(F, "_copy_by", lambda *args: (moved.append(args[0]), copy_by(*args))[1])
     special = torch.tensor([float("nan"), -0.0, float("inf"), -float("inf"), 1e-45])
-    large = [torch.randn(300, 200), torch.randn(200, 300)]  # a few large contiguous CPU tensors: memmove
+    large = [torch.randn(300, 200), torch.randn(200, 300)]  # a few large contiguous CPU tensors: one by one
     large[0].view(-1)[:5] = special
     cases = {
         "large": large,
@@ -160,7 +162,7 @@ def test_the_engines_copies_hold_the_same_bits_in_their_own_memory(monkeypatch):
     for name, tensors in cases.items():
         moved.clear()
         copies = F._copies(tensors)
-        assert len(moved) == (len(tensors) if name in ("large", "float64") else 0), name  # none for empty ones
+        assert moved == ([way] * len(tensors) if name in ("large", "float64") else []), name  # none for empty ones
         for t, c in zip(tensors, copies, strict=True):
             bits = torch.int64 if t.dtype == torch.float64 else torch.int32
             assert c.shape == t.shape and c.dtype == t.dtype

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -66,12 +67,13 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 class Traffic(TorchDispatchMode):
     """Elements read and written by every aten call, in the parameters and in buffers at least ``large`` big.
 
-    An argument is read unless it is an ``out=`` argument, and written when the schema marks it as
+    An argument is read unless it is an ``out=`` argument (or the destination of ``copy_``, whose old
+    values are not used), and written when the schema marks it as
     mutated; a new tensor returned by the call is written, unless the call only allocates it (``empty``);
     views move nothing. Views of a large buffer (blocks of a parameter or of a copy, even one allocated
     before) count with it; small temporaries (0-dim factors, per-tensor norms, cache-sized scratch
     blocks) do not count, as they never leave the cache. Copies made by ``ctypes.memmove`` (outside
-    aten) are counted by :func:`_passes`.
+    aten) are counted by :func:`_passes`, the same as by ``copy_``: a read and a write.
     """
 
     def __init__(self, params: list[Tensor], large: int) -> None:
@@ -102,7 +104,7 @@ class Traffic(TorchDispatchMode):
         for i, arg in enumerate(func._schema.arguments):
             value = args[i] if i < len(args) else kwargs.get(arg.name)
             written = arg.alias_info is not None and arg.alias_info.is_write
-            is_out = getattr(arg, "is_out", arg.name == "out")
+            is_out = getattr(arg, "is_out", arg.name == "out") or (i == 0 and func.overloadpacket.__name__ == "copy_")
             for t in _tensors(value):
                 if not self._counted(t):
                     continue
@@ -435,3 +437,31 @@ def test_cautious_copies_into_the_last_steps_copies_and_anew_for_a_tensor_that_c
     params[1].grad = torch.randn(2**17 + 3)
     assert checked_step() == 1
     assert checked_step() == 0
+
+
+@pytest.mark.parametrize("slow", ["memmove", "copy_"])
+def test_large_copies_are_made_the_way_found_faster_on_the_first_one(monkeypatch, slow):
+    """The first copy of 1 MiB or more times both ways; every later copy takes the faster; the bits are the same."""
+    monkeypatch.setitem(F._COPY, "method", None)
+    ways: list[str] = []
+    copy_by = F._copy_by
+
+    def timed(way: str, copy: Tensor, t: Tensor, nbytes: int) -> None:
+        ways.append(way)
+        if way == slow:
+            time.sleep(0.005)  # far longer than copying 1 MiB either way
+        copy_by(way, copy, t, nbytes)
+
+    monkeypatch.setattr(F, "_copy_by", timed)
+    gen = torch.Generator().manual_seed(0)
+    small, large = torch.randn(1000, generator=gen), torch.randn(2**18, 2, generator=gen)
+    assert torch.equal(F._copies([small])[0], small) and F._COPY["method"] is None  # too small to time
+    assert ways == ["memmove"]
+    spare: list[Tensor] = []
+    for _ in range(3):
+        copies = F._copies([large, small], spare=spare)
+        assert torch.equal(copies[0], large) and torch.equal(copies[1], small)
+    faster = "copy_" if slow == "memmove" else "memmove"
+    assert F._COPY["method"] == faster
+    assert ways[1:7] == ["memmove", "copy_"] * 3  # timed once, alternately
+    assert ways[7:] == [faster] * 6  # then only the faster way, the small tensor included
