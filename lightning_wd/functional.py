@@ -694,31 +694,35 @@ def _fusable(tensors: list[Tensor], before: list[Tensor], numel: int | None) -> 
 
 
 #: How ``_copies`` copies a few large contiguous CPU tensors: ``"memmove"`` (the C library's) or ``"copy_"``
-#: (torch's kernel), whichever was the faster on the first copy of at least ``_TIMED_COPY_BYTES``
-#: (``_copy_into``); None until then. Neither is faster everywhere: ``memmove`` took 1.6-1.8 passes of
-#: a ``mul_`` against 2.1 for torch's on one AMD EPYC machine of BENCHMARKS.md, and 2.2-2.4 against
-#: 1.8-2.0 on another. Both give the same bits.
-_COPY: dict[str, str | None] = {"method": None}
+#: (torch's kernel), whichever made the faster of the first copies of at least ``_TIMED_COPY_BYTES``
+#: (``_copy_into``); None until then, with the seconds per byte of those copies so far. Neither is
+#: faster everywhere: ``memmove`` took 1.6-1.8 passes of a ``mul_`` against 2.1 for torch's on one AMD
+#: EPYC machine of BENCHMARKS.md, and 2.2-2.4 against 1.8-2.0 on another. Both give the same bits.
+_COPY: dict[str, Any] = {"method": None, "memmove": [], "copy_": []}
 _TIMED_COPY_BYTES = 1 << 20
+_TIMED_COPIES = 3
+_clock = time.perf_counter
 
 
 def _copy_into(copy: Tensor, t: Tensor) -> None:
     """``copy[:] = t`` (contiguous CPU tensors of one shape and dtype) by the faster way of ``_COPY``.
 
-    The first copy of at least ``_TIMED_COPY_BYTES`` is made three times each way, alternately, and
-    the way with the shorter best time is kept for the process (a few copies more, once).
+    Until the way is chosen, copies of at least ``_TIMED_COPY_BYTES`` take the two ways in turn and are
+    timed, and after ``_TIMED_COPIES`` each the way with the shortest time per byte is kept for the
+    process. The copies timed are the ones the engine needs, as it makes them in its steps (a copy
+    timed alone, with the tensors in cache, favours the wrong way), so choosing costs nothing extra.
     """
     nbytes = t.numel() * t.element_size()
     method = _COPY["method"]
-    if method is None and nbytes >= _TIMED_COPY_BYTES:
-        best = {"memmove": math.inf, "copy_": math.inf}
-        for _ in range(3):
-            for way in best:
-                start = time.perf_counter()
-                _copy_by(way, copy, t, nbytes)
-                best[way] = min(best[way], time.perf_counter() - start)
-        _COPY["method"] = method = min(best, key=best.__getitem__)
-    _copy_by(method or "memmove", copy, t, nbytes)
+    if method is not None or nbytes < _TIMED_COPY_BYTES:
+        _copy_by(method or "memmove", copy, t, nbytes)
+        return
+    way = min(("memmove", "copy_"), key=lambda w: len(_COPY[w]))
+    start = _clock()
+    _copy_by(way, copy, t, nbytes)
+    _COPY[way].append((_clock() - start) / nbytes)
+    if len(_COPY["copy_"]) >= _TIMED_COPIES:
+        _COPY["method"] = min(("memmove", "copy_"), key=lambda w: min(_COPY[w]))
 
 
 def _copy_by(way: str, copy: Tensor, t: Tensor, nbytes: int) -> None:

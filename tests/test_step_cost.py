@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -440,28 +439,33 @@ def test_cautious_copies_into_the_last_steps_copies_and_anew_for_a_tensor_that_c
 
 
 @pytest.mark.parametrize("slow", ["memmove", "copy_"])
-def test_large_copies_are_made_the_way_found_faster_on_the_first_one(monkeypatch, slow):
-    """The first copy of 1 MiB or more times both ways; every later copy takes the faster; the bits are the same."""
+def test_large_copies_are_made_the_way_found_faster_on_the_first_ones(monkeypatch, slow):
+    """The first copies of 1 MiB or more take both ways in turn, timed; later ones the faster; the bits are the same."""
     monkeypatch.setitem(F._COPY, "method", None)
+    monkeypatch.setitem(F._COPY, "memmove", [])
+    monkeypatch.setitem(F._COPY, "copy_", [])
     ways: list[str] = []
     copy_by = F._copy_by
+    now = [0.0]  # a clock that only the copies move: the slow way takes 10 s, the other 1 s
 
     def timed(way: str, copy: Tensor, t: Tensor, nbytes: int) -> None:
         ways.append(way)
-        if way == slow:
-            time.sleep(0.005)  # far longer than copying 1 MiB either way
+        now[0] += 10.0 if way == slow else 1.0
         copy_by(way, copy, t, nbytes)
 
     monkeypatch.setattr(F, "_copy_by", timed)
+    monkeypatch.setattr(F, "_clock", lambda: now[0])
     gen = torch.Generator().manual_seed(0)
     small, large = torch.randn(1000, generator=gen), torch.randn(2**18, 2, generator=gen)
     assert torch.equal(F._copies([small])[0], small) and F._COPY["method"] is None  # too small to time
     assert ways == ["memmove"]
     spare: list[Tensor] = []
-    for _ in range(3):
+    for _ in range(8):
         copies = F._copies([large, small], spare=spare)
         assert torch.equal(copies[0], large) and torch.equal(copies[1], small)
     faster = "copy_" if slow == "memmove" else "memmove"
     assert F._COPY["method"] == faster
-    assert ways[1:7] == ["memmove", "copy_"] * 3  # timed once, alternately
-    assert ways[7:] == [faster] * 6  # then only the faster way, the small tensor included
+    # the large tensor's first six copies take the two ways in turn (the small one memmove meanwhile),
+    # the choice is made after the sixth, and from then on both take the faster way
+    turns = ["memmove", "memmove", "copy_", "memmove"] * 3
+    assert ways[1:] == turns[:-1] + [faster] * 5
