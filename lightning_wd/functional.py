@@ -604,10 +604,11 @@ def _abs_sum_kernel(x: Tensor) -> Tensor:
 _FUSED: dict[str, Any] = {"kernel": None, "abs_sum": None, "failed": None, "warned": False}
 
 #: Elements of one device and dtype from which ``fused=None`` (the default) decays a cautious group of a
-#: few large CPU tensors by the compiled kernel: 8M (32 MiB of float32), where the kernel saves about
-#: 10 ms a step on the benchmark machine (BENCHMARKS.md), so its one compile (6-11 s there) is repaid
-#: within about a thousand steps. Smaller groups, and other devices, stay on the foreach path unless
-#: ``fused=True`` asks for the kernel.
+#: few large CPU tensors, and measures a relative one, by the compiled kernels: 8M (32 MiB of float32).
+#: There the cautious kernel saves about 2 passes of a ``mul_`` a step (3 ms on the benchmark machine,
+#: BENCHMARKS.md), so its compile (5-12 s once per process there) is repaid within 2,000-4,000 steps;
+#: the measure saves about 0.6 of a pass, repaid within 6,000-13,000 steps, and sooner for larger
+#: groups. Smaller groups, and other devices, stay on the eager paths unless ``fused=True`` asks.
 _AUTO_FUSED_NUMEL = 1 << 23
 
 #: The C++ compilers the CPU kernel can be built with (``torch._inductor``'s choices).
