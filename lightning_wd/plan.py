@@ -33,7 +33,15 @@ from torch import Tensor, nn
 
 from lightning_wd import _fsdp
 from lightning_wd.rules import _NAME_CHARS, DecayRule, _check_number, _compile_glob, _has_glob
-from lightning_wd.trace import RoleTrace, TracedRole, TraceError, active_trace, trace_roles, use_trace
+from lightning_wd.trace import (
+    RoleTrace,
+    TracedRole,
+    TraceError,
+    active_trace,
+    recording_set_aside,
+    trace_roles,
+    use_trace,
+)
 
 __all__ = ["DecayPlan", "ParamEntry", "PlanGroup", "build_param_groups"]
 
@@ -46,7 +54,9 @@ _RAW_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original(\d*)$
 #: Wrappers that hold the wrapped module as ``module``.
 _MODULE_WRAPPERS = frozenset({"DistributedDataParallel", "DataParallel", "DeepSpeedEngine"})
 #: One planned parameter: (parameter, [(canonical alias, owner module)], rule name, group, marked).
-_Record = tuple[nn.Parameter, list[tuple[str, nn.Module]], "str | None", str, bool]
+#: One planned parameter: the tensor, its (canonical name, owner) aliases, the claiming rule, its group,
+#: whether a no-decay convention marked it, and whether a rule set its traced role aside for structure's.
+_Record = tuple[nn.Parameter, list[tuple[str, nn.Module]], "str | None", str, bool, bool]
 
 #: Name of the rule that claims parameters marked by the ecosystem's no-decay conventions.
 MARKED_RULE = "no_weight_decay"
@@ -83,6 +93,9 @@ class ParamEntry:
         marked: Whether a ``_no_weight_decay`` flag or a ``no_weight_decay()`` hook marked it.
         traced: Its role in the forward pass the plan traced (``example_inputs=``), with the uses that
             show it; None when no pass was traced or the pass did not use it.
+        trace_set_aside: Whether the rules set that traced role aside for what structure says: a tensor
+            structure knows as a table (an embedding module's weight, a free-standing tensor named as an
+            embedding or position table) that the forward pass read as a matrix stays a table.
 
     Examples:
         >>> import torch, lightning_wd as lwd
@@ -100,10 +113,12 @@ class ParamEntry:
     group: str
     marked: bool
     traced: TracedRole | None = None
+    trace_set_aside: bool = False
 
     @property
     def decided_by(self) -> str:
-        """``"trace"`` when the traced forward pass gave the parameter its role, else ``"structure"``.
+        """``"trace"`` when the traced forward pass gave the parameter its role, else ``"structure"``
+        (not traced, or its traced role set aside: ``trace_set_aside``).
 
         Examples:
             >>> import torch, lightning_wd as lwd
@@ -112,7 +127,7 @@ class ParamEntry:
             >>> plan.entry("0.weight").decided_by, plan.entry("0.weight").traced.evidence
             ('trace', 'weight of `linear` in 1 call')
         """
-        return "trace" if self.traced is not None else "structure"
+        return "trace" if self.traced is not None and not self.trace_set_aside else "structure"
 
 
 @dataclass(frozen=True)
@@ -407,8 +422,9 @@ class DecayPlan:
                 group=group,
                 marked=marked,
                 traced=None if self.trace is None else self.trace.get(param),
+                trace_set_aside=set_aside,
             )
-            for param, names, rule, group, marked in self._records
+            for param, names, rule, group, marked, set_aside in self._records
         )
 
     @classmethod
@@ -489,7 +505,7 @@ class DecayPlan:
         # The walk allocates a few small objects per tensor; on models with 10^5 tensors the
         # collector's full passes over the model would dominate, so it is paused meanwhile. FSDP1
         # views are given their original shapes while the rules look at them.
-        with _gc_paused(), use_trace(trace), contextlib.ExitStack() as views:
+        with _gc_paused(), use_trace(trace), recording_set_aside() as set_aside, contextlib.ExitStack() as views:
             return cls._build(
                 module,
                 rules_t,
@@ -500,6 +516,7 @@ class DecayPlan:
                 respect_no_weight_decay=respect_no_weight_decay,
                 merge=merge,
                 views=views,
+                set_aside=set_aside,
             )
 
     @classmethod
@@ -515,6 +532,7 @@ class DecayPlan:
         respect_no_weight_decay: bool,
         merge: bool,
         views: contextlib.ExitStack | None = None,
+        set_aside: set[int] | None = None,
     ) -> DecayPlan:
         # 1. Every parameter once, with all its aliases and owners, in registration order; the
         #    no_weight_decay() hooks are read on the same walk. FSDP1 views get their original
@@ -602,7 +620,7 @@ class DecayPlan:
                             " modules (a submodule called 'module' or '_orig_mod' beside a wrapper is the usual"
                             " cause)."
                         )
-            records.append((p, names, rule_name, group, marked))
+            records.append((p, names, rule_name, group, marked, set_aside is not None and id(p) in set_aside))
         frozen = tuple(frozen_names)
         if not records:
             hint = f" (all {len(frozen)} are frozen; pass include_frozen=True to plan them)" if frozen else ""
@@ -803,7 +821,10 @@ class DecayPlan:
             name: Any canonical name of the parameter, or a raw one (with wrapper prefixes).
 
         Returns:
-            One line: group, decay, the claiming rule, other rules that also match, aliases, shape, owner.
+            One line: group, decay, the claiming rule, other rules that also match, aliases, shape, owner,
+            and with a trace where the role came from: ``role linear by trace: weight of ...``, ``role by
+            structure, a table, though traced as linear: ...`` (``ParamEntry.trace_set_aside``), or ``role
+            by structure`` for a tensor the forward pass did not use.
 
         Raises:
             TypeError: if ``name`` is not a string.
@@ -836,7 +857,9 @@ class DecayPlan:
         if len(e.aliases) > 1:
             parts.append(f"aliases {list(e.aliases)}")
         parts.append(f"shape {e.shape}, owner {'/'.join(dict.fromkeys(e.owners))}")
-        if e.traced is not None:
+        if e.traced is not None and e.trace_set_aside:
+            parts.append(f"role by structure, a table, though traced as {e.traced.role}: {e.traced.evidence}")
+        elif e.traced is not None:
             parts.append(f"role {e.traced.role} by trace: {e.traced.evidence}")
         elif self.trace is not None:
             parts.append("role by structure: the traced forward pass did not use it")
@@ -885,15 +908,19 @@ class DecayPlan:
         """Per group, the uses that decided the traced roles (``weight of `linear` (12)``), then the rest."""
         by_group: dict[str, Counter[str]] = {}
         untraced: list[str] = []
+        set_aside: list[str] = []
         for e in self.entries:
             if e.traced is None:
                 untraced.append(e.name)
+                continue
+            if e.trace_set_aside:
+                set_aside.append(e.name)
                 continue
             uses = by_group.setdefault(e.group, Counter())
             for use in e.traced.uses:
                 if use.role == e.traced.role:
                     uses[use.describe().rsplit(" in ", 1)[0]] += 1
-        traced = len(self.entries) - len(untraced)
+        traced = len(self.entries) - len(untraced) - len(set_aside)
         lines = [f"roles by trace (forward pass on {trace.device}): {traced} of {len(self.entries)} tensors"]
         width = max((len(g) for g in by_group), default=0)
         for g in self.groups:
@@ -906,6 +933,10 @@ class DecayPlan:
             listed = ", ".join(untraced[:3]) + (", ..." if len(untraced) > 3 else "")
             tensors = f"{len(untraced)} tensor{'s' if len(untraced) != 1 else ''}"
             lines.append(f"roles by structure (not used by the forward pass): {tensors} ({listed})")
+        if set_aside:
+            listed = ", ".join(set_aside[:3]) + (", ..." if len(set_aside) > 3 else "")
+            tensors = f"{len(set_aside)} tensor{'s' if len(set_aside) != 1 else ''}"
+            lines.append(f"roles by structure (tables the forward pass read as matrices): {tensors} ({listed})")
         return lines
 
     def __str__(self) -> str:

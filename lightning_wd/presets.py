@@ -40,7 +40,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_wd.rules import DecayRule, param_ndim
-from lightning_wd.trace import TracedRole, active_trace
+from lightning_wd.trace import TracedRole, active_trace, note_structure_decides
 
 __all__ = [
     "Preset",
@@ -171,6 +171,7 @@ def _traced_role(name: str, param: Tensor, module: nn.Module) -> str | None:
     if traced is None:
         return None
     if traced.role == "linear" and (_is_embedding(module) or _named_as_table(name, module)):
+        note_structure_decides(param)  # the plan reports it as decided by structure
         return None
     return traced.role
 

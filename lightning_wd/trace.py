@@ -275,6 +275,49 @@ def active_trace() -> RoleTrace | None:
     return _ACTIVE.get()
 
 
+#: While a plan resolves its rules: the ids of the tensors whose traced role a predicate set aside for
+#: what structure says (``note_structure_decides``), so that the plan reports them as decided by structure.
+_SET_ASIDE: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar("lightning_wd_set_aside", default=None)
+
+
+def note_structure_decides(param: Tensor) -> None:
+    """Record that a role predicate set aside the trace's role of ``param`` for what structure says (a table
+    read as a matrix stays a table), so that the plan being resolved says so. Outside a plan, nothing.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_wd.trace import note_structure_decides, recording_set_aside
+        >>> table = torch.zeros(4, 4)
+        >>> with recording_set_aside() as set_aside:
+        ...     note_structure_decides(table)
+        >>> id(table) in set_aside
+        True
+    """
+    set_aside = _SET_ASIDE.get()
+    if set_aside is not None:
+        set_aside.add(id(param))
+
+
+@contextlib.contextmanager
+def recording_set_aside() -> Iterator[set[int]]:
+    """Collect, for a block, the ids of the tensors ``note_structure_decides`` is told of (the plan does).
+
+    Examples:
+        >>> import torch
+        >>> from lightning_wd.trace import note_structure_decides, recording_set_aside
+        >>> with recording_set_aside() as set_aside:
+        ...     pass
+        >>> set_aside
+        set()
+    """
+    set_aside: set[int] = set()
+    token = _SET_ASIDE.set(set_aside)
+    try:
+        yield set_aside
+    finally:
+        _SET_ASIDE.reset(token)
+
+
 @contextlib.contextmanager
 def use_trace(trace: RoleTrace | None) -> Iterator[None]:
     """Make ``trace`` the one the role predicates and ``DecayRule(roles=...)`` consult, for a block.

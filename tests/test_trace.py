@@ -932,3 +932,33 @@ def test_tracing_an_fsdp2_module_is_refused_naming_the_sharding_not_the_inputs(g
     assert "leave `example_inputs` out" in message and "`trace_roles = False`" in message
     groups = lwd.build_param_groups(model, presets.standard(0.1))
     assert {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]} == {"0.weight", "2.weight"}
+
+
+def test_a_table_read_as_a_matrix_is_decided_by_structure_and_the_plan_says_so():
+    """A position table that the forward multiplies by: traced as linear, kept a no-decay table by structure."""
+
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.position_table = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(x) @ self.position_table
+
+    model = Positions()
+    plan = lwd.DecayPlan.from_module(model, presets.standard(0.1), example_inputs=torch.randn(2, 4))
+    table, fc = plan.entry("position_table"), plan.entry("fc.weight")
+    assert table.traced is not None and table.traced.role == "linear"  # what the forward pass did with it
+    assert (table.trace_set_aside, table.decided_by, table.group) == (True, "structure", "no_decay")
+    assert plan.explain("position_table").endswith(
+        "role by structure, a table, though traced as linear: " + table.traced.evidence
+    )
+    assert (fc.trace_set_aside, fc.decided_by, fc.group) == (False, "trace", "decay")
+    table_text = plan.table()
+    assert "roles by trace (forward pass on meta): 2 of 3 tensors" in table_text
+    assert "roles by structure (tables the forward pass read as matrices): 1 tensor (position_table)" in table_text
+    assert plan.explain("fc.weight").endswith("role linear by trace: weight of `linear` in 1 call")
+    # without a trace, nothing is set aside
+    untraced = lwd.DecayPlan.from_module(model, presets.standard(0.1)).entry("position_table")
+    assert (untraced.trace_set_aside, untraced.decided_by, untraced.group) == (False, "structure", "no_decay")
