@@ -36,6 +36,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain, repeat
 from operator import attrgetter, is_
 from typing import Any, Literal, NamedTuple, cast, get_args
@@ -1325,11 +1326,10 @@ class WeightDecay:
         opts = self.options
         if bucket.views is not None:  # FSDP1: the counts are added up with the sums, over the shard groups
             return self._views_measure(bucket, parts)
-        if opts.source == "grad":  # gradients have their own placements: let the functional read them
+        measure_of = partial(F._mean_abs, fused=opts.fused) if opts.metric == "mean_abs" else F._rms
+        if opts.source == "grad":  # gradients have their own placements: split them as the functional does
             grads = list(map(_grad_of, _joined([part.params for part in parts])))
-            if opts.metric == "mean_abs":
-                return F._mean_abs(*F._split(grads), F._numel(grads), opts.fused)
-            return F.rms(grads)
+            return measure_of(*F._split(grads), F._numel(grads))
         if sum(len(part.params) for part in parts) == len(bucket.params):
             numel = bucket.numel  # every parameter has a gradient
         else:
@@ -1343,9 +1343,7 @@ class WeightDecay:
             for part in parts:
                 torch._foreach_sub_(part.before, part.tensors)
             tensors = _joined([part.before for part in parts])
-        if opts.metric == "mean_abs":
-            return F._mean_abs(tensors, layouts, numel, opts.fused)
-        return F._rms(tensors, layouts, numel)
+        return measure_of(tensors, layouts, numel)
 
     def _views_measure(self, bucket: _Bucket, parts: list[_Part]) -> Tensor:
         """``m`` of a bucket of FSDP1 views: from each rank's local views, with one ``all_reduce`` per shard group."""

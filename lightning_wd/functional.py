@@ -55,7 +55,7 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import repeat
 from operator import attrgetter, is_
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeGuard
@@ -615,7 +615,7 @@ _AUTO_FUSED_NUMEL = 1 << 23
 _CXX = ("g++", "c++", "clang++", "cl")
 
 
-def _fuse_by_default(tensors: list[Tensor], numel: int | None, kernel: str = "kernel") -> bool:
+def _fuse_by_default(tensors: Sequence[Tensor], numel: int | None, kernel: str = "kernel") -> bool:
     """Whether ``fused=None`` takes the compiled ``kernel`` (a key of ``_FUSED``) for ``tensors``: at least
     ``_AUTO_FUSED_NUMEL`` elements of a few large CPU tensors, on a machine with a C++ compiler (looked for
     until the kernel is compiled)."""
@@ -672,16 +672,26 @@ def _run_fused(tensors: list[Tensor], before: list[Tensor], step: Step, ord: int
         if not t.numel():  # nothing to decay (and no shape worth a compile)
             continue
         try:
-            if _FUSED["kernel"] is None:
-                _FUSED["kernel"] = torch.compile(_cautious_kernel, dynamic=True, fullgraph=True)
-            _FUSED["kernel"](t.view(-1), b.view(-1), size, ord == 1)
+            _compiled("kernel", _cautious_kernel)(t.view(-1), b.view(-1), size, ord == 1)
         except Exception as err:  # the compiler's failure: the foreach path decays what is left
-            _FUSED["failed"] = f"{type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
+            _compile_failed(err)
             return done
     return len(tensors)
 
 
-def _fusable(tensors: list[Tensor], before: list[Tensor], numel: int | None) -> bool:
+def _compiled(key: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` compiled by ``torch.compile`` (dynamic shapes, one graph), once per process: ``_FUSED[key]``."""
+    if _FUSED[key] is None:
+        _FUSED[key] = torch.compile(kernel, dynamic=True, fullgraph=True)
+    return _FUSED[key]
+
+
+def _compile_failed(err: Exception) -> None:
+    """Record why compiling failed (its first line): every later call of either kernel takes the eager path."""
+    _FUSED["failed"] = f"{type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
+
+
+def _fusable(tensors: Sequence[Tensor], before: Sequence[Tensor], numel: int | None) -> bool:
     """Whether ``tensors`` and their copies suit the compiled kernel: a few large contiguous float tensors."""
     dtype, device = tensors[0].dtype, tensors[0].device
     return (
@@ -1157,8 +1167,8 @@ def _abs_sum(tensors: Sequence[Tensor], fused: bool | None = False) -> Tensor:
     one ``mul_`` pass for a few large tensors); where compiling fails, as above. Everything else is
     reduced with the foreach norms.
     """
-    if fused or (fused is None and _fuse_by_default(list(tensors), None, "abs_sum")):
-        total = _fused_abs_sum(tensors) if _FUSED["failed"] is None and _fusable(list(tensors), [], None) else None
+    if fused or (fused is None and _fuse_by_default(tensors, None, "abs_sum")):
+        total = _fused_abs_sum(tensors) if _FUSED["failed"] is None and _fusable(tensors, (), None) else None
         if fused:
             _warn_unfused("the measure's kernel", "the measure is taken on the eager path, with the same value")
         if total is not None:
@@ -1182,13 +1192,10 @@ def _fused_abs_sum(tensors: Sequence[Tensor]) -> Tensor | None:
     sums = []
     try:
         for t in tensors:
-            if not t.numel():  # nothing to add (and no shape worth a compile)
-                continue
-            if _FUSED["abs_sum"] is None:
-                _FUSED["abs_sum"] = torch.compile(_abs_sum_kernel, dynamic=True, fullgraph=True)
-            sums.append(_FUSED["abs_sum"](t.detach().view(-1)))
+            if t.numel():  # (an empty tensor adds nothing, and has no shape worth a compile)
+                sums.append(_compiled("abs_sum", _abs_sum_kernel)(t.detach().view(-1)))
     except Exception as err:  # the compiler's failure: the caller measures on the eager path
-        _FUSED["failed"] = f"{type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
+        _compile_failed(err)
         return None
     if not sums:
         return torch.zeros((), dtype=torch.float32, device=tensors[0].device)

@@ -53,7 +53,6 @@ _WRAPPER_ATTRS = frozenset(
 _RAW_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original(\d*)$")
 #: Wrappers that hold the wrapped module as ``module``.
 _MODULE_WRAPPERS = frozenset({"DistributedDataParallel", "DataParallel", "DeepSpeedEngine"})
-#: One planned parameter: (parameter, [(canonical alias, owner module)], rule name, group, marked).
 #: One planned parameter: the tensor, its (canonical name, owner) aliases, the claiming rule, its group,
 #: whether a no-decay convention marked it, and whether a rule set its traced role aside for structure's.
 _Record = tuple[nn.Parameter, list[tuple[str, nn.Module]], "str | None", str, bool, bool]
@@ -531,8 +530,8 @@ class DecayPlan:
         default_group: str,
         respect_no_weight_decay: bool,
         merge: bool,
+        set_aside: set[int],
         views: contextlib.ExitStack | None = None,
-        set_aside: set[int] | None = None,
     ) -> DecayPlan:
         # 1. Every parameter once, with all its aliases and owners, in registration order; the
         #    no_weight_decay() hooks are read on the same walk. FSDP1 views get their original
@@ -620,7 +619,7 @@ class DecayPlan:
                             " modules (a submodule called 'module' or '_orig_mod' beside a wrapper is the usual"
                             " cause)."
                         )
-            records.append((p, names, rule_name, group, marked, set_aside is not None and id(p) in set_aside))
+            records.append((p, names, rule_name, group, marked, id(p) in set_aside))
         frozen = tuple(frozen_names)
         if not records:
             hint = f" (all {len(frozen)} are frozen; pass include_frozen=True to plan them)" if frozen else ""
@@ -929,14 +928,15 @@ class DecayPlan:
                 ranked = [f"{what} ({n})" for what, n in sorted(seen.items(), key=lambda kv: (-kv[1], kv[0]))]
                 more = f", and {len(ranked) - 4} other uses" if len(ranked) > 5 else ""
                 lines.append(f"  {g.name.ljust(width)}  {', '.join(ranked[:4] if more else ranked)}{more}")
-        if untraced:
-            listed = ", ".join(untraced[:3]) + (", ..." if len(untraced) > 3 else "")
-            tensors = f"{len(untraced)} tensor{'s' if len(untraced) != 1 else ''}"
-            lines.append(f"roles by structure (not used by the forward pass): {tensors} ({listed})")
-        if set_aside:
-            listed = ", ".join(set_aside[:3]) + (", ..." if len(set_aside) > 3 else "")
-            tensors = f"{len(set_aside)} tensor{'s' if len(set_aside) != 1 else ''}"
-            lines.append(f"roles by structure (tables the forward pass read as matrices): {tensors} ({listed})")
+        for names, why in (
+            (untraced, "not used by the forward pass"),
+            (set_aside, "tables the forward pass read as matrices"),
+        ):
+            if names:
+                listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                lines.append(
+                    f"roles by structure ({why}): {len(names)} tensor{'s' if len(names) != 1 else ''} ({listed})"
+                )
         return lines
 
     def __str__(self) -> str:
