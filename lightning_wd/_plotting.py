@@ -437,13 +437,7 @@ def plot_metrics(
         positive = all(v > 0 for _, values in lines.values() for v in values)
         if positive and (scale == "log" or (scale == "auto" and _log_scale_helps(lines))):
             ax.set_yscale("log")
-            ticks = plt.FuncFormatter(lambda v, _: f"{v:g}")
-            ax.yaxis.set_major_formatter(ticks)
-            finite = [v for _, values in lines.values() for v in values if math.isfinite(v)]
-            if finite and max(finite) < 10 * min(finite):  # under a decade: label the minor ticks too
-                ax.yaxis.set_minor_formatter(ticks)
-            else:
-                ax.yaxis.set_minor_formatter(plt.NullFormatter())
+            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
             if scale == "auto":
                 ylabel += " (log scale)"
         if metric == "timescale":
@@ -454,6 +448,11 @@ def plot_metrics(
             for group, (steps, values) in series.get("effective_decay", {}).items():
                 if group in lines and any(v > 0 for v in values):
                     ax.plot(steps, [math.sqrt(2 * v) for v in values], color=colors[group], linestyle=":")
+        if ax.get_yscale() == "log":  # minor ticks labelled only where the axis spans under a decade
+            low, high = ax.get_ylim()  # (the lines drawn above, such as the run length, included)
+            minor = ax.yaxis.get_major_formatter() if high < 10 * low else plt.NullFormatter()
+            ax.yaxis.set_minor_formatter(minor)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)

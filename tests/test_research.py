@@ -418,3 +418,27 @@ def test_corrected_mode_refuses_a_group_starting_at_lr_zero():
     with pytest.raises(ValueError, match=r"`mode`='corrected' divides by the group's initial \(peak\) lr"):
         lwd.WeightDecay(opt, mode="corrected")
     assert "step" not in opt.__dict__
+
+
+def test_a_log_axis_over_decades_labels_only_its_decades(tmp_path, monkeypatch):
+    """A timescale of 10^6 steps against a 5-step run spans six decades: the minor ticks go unlabelled
+    (labelled, they overlap), while a panel within one decade keeps them; steps are whole numbers."""
+    import matplotlib.figure
+    import matplotlib.ticker
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    series = {
+        "param_norm": {"decay": ([3, 4, 5], [37.5, 37.7, 37.9])},
+        "timescale": {"decay": ([3, 4, 5], [8.9e5, 8.9e5, 8.9e5])},
+        "grad_norm": {"decay": ([3, 4, 5], [2.0, 3.0, 4.0])},
+    }
+    _plotting.plot_metrics(series, tmp_path / "wd.png")
+    axes = {ax.get_title(): ax for ax in figures[0].axes if ax.get_title()}
+    timescale = next(ax for title, ax in axes.items() if title.startswith("Decay timescale"))
+    grad = next(ax for title, ax in axes.items() if title.startswith("Gradient norm"))
+    assert timescale.get_yscale() == grad.get_yscale() == "log"
+    assert isinstance(timescale.yaxis.get_minor_formatter(), matplotlib.ticker.NullFormatter)
+    assert not isinstance(grad.yaxis.get_minor_formatter(), matplotlib.ticker.NullFormatter)
+    assert all(isinstance(ax.xaxis.get_major_locator(), matplotlib.ticker.MaxNLocator) for ax in axes.values())
+    assert all(float(t).is_integer() for t in timescale.get_xticks())
