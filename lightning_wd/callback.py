@@ -131,7 +131,8 @@ class WeightDecayCallback(Callback):
             by ``torch.compile`` (one pass instead of several, a compile at the first step, and the
             eager path, with one warning, where compiling fails); ``None`` (the default), with those
             kernels only for CPU groups of at least 8M elements, where they repay their compile, quietly
-            falling back; ``False``, never.
+            falling back; ``False``, never, nor the two C loops built for a few large CPU tensors under
+            ``None`` and ``True`` (a logged step's decay and norm in one pass, and a streaming copy).
 
     Raises:
         ValueError: on an unknown ``mode``, ``source``, ``metric`` or ``ord``, or ``source``/``metric``

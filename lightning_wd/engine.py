@@ -521,7 +521,11 @@ class WeightDecay:
             on CPU, where they repay their compile (5-12 s on the benchmark machine) within a few thousand
             steps (about ten thousand for the measure, which saves less), falling back quietly;
             ``False``: never. Other modes and metrics, ``toward``, steps with ``track_diagnostics`` and
-            other tensors are not affected.
+            other tensors are not affected. Under ``None`` and ``True``, a few large contiguous float32/
+            float64 CPU tensors also take two C loops built with the C compiler at their first use (a
+            fraction of a second, no file kept): a logged step's decay and norm in one pass, and the
+            copy of ``cautious``/``source="update"`` with streaming stores where the engine's first
+            copies time it fastest; ``False`` turns these off too. Either gives the same bits.
 
     Raises:
         TypeError: on an ``optimizer`` that is not one, a flag that is not a bool, or ``rules``
@@ -1133,7 +1137,7 @@ class WeightDecay:
             if track or self._bucket_wd(b, self._saved[b.index]) > 0:
                 snapshot.append(
                     [
-                        F._copies(chunk, b.numels[c] if b.numels else None, spares[c])
+                        F._copies(chunk, b.numels[c] if b.numels else None, spares[c], self.options.fused is not False)
                         for c, chunk in enumerate(_locals_of(b))
                     ]
                 )
@@ -1221,7 +1225,9 @@ class WeightDecay:
                         if ref is None:
                             dtypes = {part.tensors[0].dtype}
                             if fuse:
-                                square_sum = F._decay_and_square_sum_(part.tensors, step, dtypes, part.numel)
+                                square_sum = F._decay_and_square_sum_(
+                                    part.tensors, step, dtypes, part.numel, self.options.fused is not False
+                                )
                                 if square_sum is not None:
                                     square_sums.append(square_sum)
                                     continue

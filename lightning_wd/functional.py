@@ -64,6 +64,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_wd import _native
 from lightning_wd._compat import DTENSOR_TYPES, REPLICATE, STRIDED_SHARD_TYPES
 
 __all__ = [
@@ -704,51 +705,62 @@ def _fusable(tensors: Sequence[Tensor], before: Sequence[Tensor], numel: int | N
     )
 
 
-#: How ``_copies`` copies a few large contiguous CPU tensors: ``"memmove"`` (the C library's) or ``"copy_"``
-#: (torch's kernel), whichever made the faster of the first copies of at least ``_TIMED_COPY_BYTES``
-#: (``_copy_into``); None until then, with the seconds per byte of those copies so far. Neither is
-#: faster everywhere: ``memmove`` took 1.6-1.8 passes of a ``mul_`` against 2.1 for torch's on one AMD
-#: EPYC machine of BENCHMARKS.md, and 2.2-2.4 against 1.8-2.0 on another. Both give the same bits.
-_COPY: dict[str, Any] = {"method": None, "memmove": [], "copy_": []}
+#: How ``_copies`` copies a few large contiguous CPU tensors: ``"memmove"`` (the C library's), ``"copy_"``
+#: (torch's kernel) or ``"stream"`` (``_native``'s copy with non-temporal stores, where it is built),
+#: whichever made the fastest of the first copies of at least ``_TIMED_COPY_BYTES`` (``_copy_into``);
+#: None until then, with the seconds per byte of those copies so far. No way is faster everywhere:
+#: ``memmove`` took 1.6-1.8 passes of a ``mul_`` against 2.1 for torch's on one AMD EPYC machine of
+#: BENCHMARKS.md, 2.2-2.4 against 1.8-2.0 on another, where the stream took 1.4. All give the same bits.
+_COPY: dict[str, Any] = {"method": None, "memmove": [], "copy_": [], "stream": []}
 _TIMED_COPY_BYTES = 1 << 20
 _TIMED_COPIES = 3
 _clock = time.perf_counter
 
 
-def _copy_into(copy: Tensor, t: Tensor) -> None:
-    """``copy[:] = t`` (contiguous CPU tensors of one shape and dtype) by the faster way of ``_COPY``.
+def _copy_into(copy: Tensor, t: Tensor, native: bool = True) -> None:
+    """``copy[:] = t`` (contiguous CPU tensors of one shape and dtype) by the fastest way of ``_COPY``.
 
-    Until the way is chosen, copies of at least ``_TIMED_COPY_BYTES`` take the two ways in turn and are
-    timed, and after ``_TIMED_COPIES`` each the way with the shortest time per byte is kept for the
-    process. The copies timed are the ones the engine needs, as it makes them in its steps (a copy
-    timed alone, with the tensors in cache, favours the wrong way), so choosing costs nothing extra.
+    Until the way is chosen, copies of at least ``_TIMED_COPY_BYTES`` take the ways in turn (the
+    stream only with ``native`` and ``_native`` built) and are timed, and after ``_TIMED_COPIES`` each
+    the way with the shortest time per byte is kept for the process. The copies timed are the ones the
+    engine needs, as it makes them in its steps (a copy timed alone, with the tensors in cache, favours
+    the wrong way), so choosing costs nothing extra. A caller without ``native`` takes the faster of
+    the other two where the stream was chosen.
     """
     nbytes = t.numel() * t.element_size()
     method = _COPY["method"]
     if method is not None or nbytes < _TIMED_COPY_BYTES:
+        if method == "stream" and not native:
+            method = min(("memmove", "copy_"), key=lambda w: min(_COPY[w]))
         _copy_by(method or "memmove", copy, t, nbytes)
         return
-    way = min(("memmove", "copy_"), key=lambda w: len(_COPY[w]))
+    ways = ("memmove", "copy_", "stream") if native and _native.library() is not None else ("memmove", "copy_")
+    way = min(ways, key=lambda w: len(_COPY[w]))
     start = _clock()
     _copy_by(way, copy, t, nbytes)
     _COPY[way].append((_clock() - start) / nbytes)
-    if len(_COPY["copy_"]) >= _TIMED_COPIES:
-        _COPY["method"] = min(("memmove", "copy_"), key=lambda w: min(_COPY[w]))
+    if all(len(_COPY[w]) >= _TIMED_COPIES for w in ways):
+        _COPY["method"] = min(ways, key=lambda w: min(_COPY[w]))
 
 
 def _copy_by(way: str, copy: Tensor, t: Tensor, nbytes: int) -> None:
     if way == "copy_":
         copy.copy_(t.detach())
+    elif way == "stream":
+        _native.stream_copy(copy, t, nbytes)
     else:
         ctypes.memmove(copy.data_ptr(), t.data_ptr(), nbytes)
 
 
-def _copies(tensors: list[Tensor], numel: int | None = None, spare: list[Tensor] | None = None) -> list[Tensor]:
+def _copies(
+    tensors: list[Tensor], numel: int | None = None, spare: list[Tensor] | None = None, native: bool = True
+) -> list[Tensor]:
     """Copies of ``tensors`` (one device and dtype), the same bits.
 
     Few or large contiguous CPU tensors (``_few_large``) are copied one by one, by the C library's
-    ``memmove`` or torch's copy kernel, whichever ``_copy_into`` found the faster on this machine (they
-    differ by 15-25 % either way on the machines of BENCHMARKS.md). ``spare`` (a list the caller keeps
+    ``memmove``, torch's copy kernel or (with ``native``) ``_native``'s streaming copy, whichever
+    ``_copy_into`` found the fastest on this machine (they differ by 15-40 % on the machines of
+    BENCHMARKS.md). ``spare`` (a list the caller keeps
     from one call to the next) then receives the copies, and the next call copies into those of them
     whose shape and dtype still match instead of allocating: memory freed between steps goes back to
     the C library and often to the kernel, and a new copy would fault every page in again (5x the
@@ -764,7 +776,7 @@ def _copies(tensors: list[Tensor], numel: int | None = None, spare: list[Tensor]
             if copy is None or copy.shape != t.shape or copy.dtype != t.dtype or copy.data_ptr() == t.data_ptr():
                 copy = torch.empty_like(t, memory_format=torch.contiguous_format)
             if t.numel():  # (an empty tensor may have no address at all)
-                _copy_into(copy, t)
+                _copy_into(copy, t, native)
             out.append(copy)
         if spare is not None:
             spare[:] = out
@@ -842,19 +854,30 @@ def _cautious_decay_(
 
 
 def _decay_and_square_sum_(
-    tensors: list[Tensor], step: Step, dtypes: set[torch.dtype] | None, numel: int | None = None
+    tensors: list[Tensor],
+    step: Step,
+    dtypes: set[torch.dtype] | None,
+    numel: int | None = None,
+    native: bool = True,
 ) -> Tensor | None:
     """``p <- p (1 - step)`` (``_apply_decay_`` with ``ord=2`` and no mask, the same bits) and ``sum p²`` after it.
 
-    For few or large (``_few_large``) float32/float64 CPU tensors the square sum is taken block by block right after
-    each block is decayed, while it is in cache: one pass over memory for both. Returns the sum
-    (float32, 0-dim), or None, having changed nothing, for other tensors.
+    For few or large (``_few_large``) float32/float64 CPU tensors: with ``native`` and the C loops of
+    ``_native`` built, one loop per tensor decays and sums (one pass over memory); else the square sum
+    is taken block by block right after each block is decayed, while it is in cache (the sum costs
+    0.5-0.8 of a pass more). Returns the sum (float32, 0-dim), or None, having changed nothing, for
+    other tensors.
 
     Call under no_grad with lists of one device and dtype, checked by the caller.
     """
     if not tensors or not _in_blocks(tensors, [], numel):
         return None
     factor = 1 - _on(step, tensors[0].device) if isinstance(step, Tensor) else _factor(1.0 - step, tensors, dtypes)
+    if native and _native.library() is not None:
+        # one loop decays and sums each tensor: the factor as the tensors' dtype holds it, the same bits
+        value = float(factor)
+        total = math.fsum(_native.decay_sumsq_(t, value) for t in tensors if t.numel())
+        return torch.tensor(total, dtype=torch.float32)
     sums = []
     for t in tensors:
         for block in t.view(-1).split(_BLOCK):

@@ -359,9 +359,9 @@ def test_norms_are_computed_only_on_logged_steps(tmp_path, monkeypatch):
     in_step = []
     decay_and_measure = lwd.functional._decay_and_square_sum_
 
-    def counting_in_step(tensors, step, dtypes, numel=None):
+    def counting_in_step(tensors, step, dtypes, numel=None, native=True):
         in_step.append(len(tensors))
-        return decay_and_measure(tensors, step, dtypes, numel)
+        return decay_and_measure(tensors, step, dtypes, numel, native)
 
     monkeypatch.setattr(lwd.functional, "global_norm", counting)
     monkeypatch.setattr(lwd.functional, "_decay_and_square_sum_", counting_in_step)

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_wd as lwd
+from lightning_wd import _native
 from lightning_wd import functional as F
 from lightning_wd.plan import PLANNED_KEY
 
@@ -127,20 +128,31 @@ _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_
 def _passes(params: list[Tensor], run: Callable[[], Any]) -> tuple[float, Counter[str]]:
     """Elements moved by ``run()`` in units of the parameters' size (one read-write pass: 2.0), and its calls.
 
-    A ``ctypes.memmove`` of ``n`` bytes (the engine's copy of a few large CPU tensors) reads and writes
-    ``n`` bytes, outside aten: it is counted here.
+    Work outside aten is counted here: a ``ctypes.memmove`` or a streaming copy (``_native.stream_copy``)
+    of ``n`` bytes (the engine's copy of a few large CPU tensors) reads and writes ``n`` bytes, and the
+    C loop that decays a tensor and sums its squares (``_native.decay_sumsq_``) reads and writes it once.
     """
     total = sum(p.numel() for p in params)
     itemsize = params[0].element_size()
     moved = [0]
-    memmove = ctypes.memmove
+    memmove, stream_copy, decay_sumsq_ = ctypes.memmove, _native.stream_copy, _native.decay_sumsq_
 
     def counting_memmove(dst: Any, src: Any, nbytes: int) -> Any:
         moved[0] += 2 * nbytes // itemsize
         return memmove(dst, src, nbytes)
 
+    def counting_stream_copy(copy: Tensor, t: Tensor, nbytes: int) -> None:
+        moved[0] += 2 * nbytes // itemsize
+        stream_copy(copy, t, nbytes)
+
+    def counting_decay_sumsq_(t: Tensor, factor: float) -> float:
+        moved[0] += 2 * t.numel()
+        return decay_sumsq_(t, factor)
+
     with (
         mock.patch.object(ctypes, "memmove", counting_memmove),
+        mock.patch.object(_native, "stream_copy", counting_stream_copy),
+        mock.patch.object(_native, "decay_sumsq_", counting_decay_sumsq_),
         Traffic(params, large=min(p.numel() for p in params)) as traffic,
     ):
         run()
@@ -238,21 +250,35 @@ def _reference_norm(params: list[Tensor]) -> float:
     [(4, 2**18 + 3, False), (4, 2**18 + 3, True), (24, 2**15 + 3, False)],
     ids=["few-large", "contiguous", "many-large"],
 )
-def test_a_step_measured_for_logging_takes_the_norm_in_the_decay_pass(count, numel, contiguous):
+@pytest.mark.parametrize("native", [True, False], ids=["C-loop", "blocks"])
+def test_a_step_measured_for_logging_takes_the_norm_in_the_decay_pass(count, numel, contiguous, native):
     params = _params(count, numel, contiguous=contiguous)
-    optimizer, engine = _engine(params)
+    optimizer, engine = _engine(params, fused=None if native else False)
     optimizer.step()
     before = [p.detach().clone() for p in params]
     engine.norms_in_step = True
-    with _Calls() as seen:
+    looped: list[int] = []
+    decay_sumsq_ = _native.decay_sumsq_
+
+    def counting(t: Tensor, factor: float) -> float:
+        looped.append(t.data_ptr())
+        return decay_sumsq_(t, factor)
+
+    with _Calls() as seen, mock.patch.object(_native, "decay_sumsq_", counting):
         optimizer.step()
     names = [name for name, _ in seen.calls]
     assert "_foreach_norm" not in names and "linalg_vector_norm" not in names
-    assert "_foreach_mul_" not in names  # the decay itself went block by block
-    blocks = [(name, ptr) for name, ptr in seen.calls if name in ("mul_", "dot")]
-    # each block's square sum reads the block the decay has just written, while it is in cache
-    assert blocks[0::2] == [("mul_", ptr) for _, ptr in blocks[1::2]]
-    assert [name for name, _ in blocks[1::2]] == ["dot"] * (len(blocks) // 2) and len(blocks) >= 10
+    assert "_foreach_mul_" not in names  # the decay itself went tensor by tensor
+    if native and _native.library() is not None:
+        # one C loop per tensor decays it and sums its squares: no aten call touches the parameters
+        assert sorted(looped) == sorted(p.data_ptr() for p in (params[:1] if contiguous else params))
+        assert not {"mul_", "dot"} & set(names)
+    else:
+        assert not looped
+        blocks = [(name, ptr) for name, ptr in seen.calls if name in ("mul_", "dot")]
+        # each block's square sum reads the block the decay has just written, while it is in cache
+        assert blocks[0::2] == [("mul_", ptr) for _, ptr in blocks[1::2]]
+        assert [name for name, _ in blocks[1::2]] == ["dot"] * (len(blocks) // 2) and len(blocks) >= 10
     step = LR * WD
     for p, b in zip(params, before, strict=True):  # the decay is the formula's, to the bit
         assert torch.equal(p.detach(), b * torch.tensor(1.0 - step, dtype=b.dtype))
@@ -438,19 +464,31 @@ def test_cautious_copies_into_the_last_steps_copies_and_anew_for_a_tensor_that_c
     assert checked_step() == 0
 
 
-@pytest.mark.parametrize("slow", ["memmove", "copy_"])
-def test_large_copies_are_made_the_way_found_faster_on_the_first_ones(monkeypatch, slow):
-    """The first copies of 1 MiB or more take both ways in turn, timed; later ones the faster; the bits are the same."""
+@pytest.mark.parametrize("built", [True, False], ids=["with-stream", "without-C-loops"])
+@pytest.mark.parametrize("fast", ["memmove", "copy_", "stream"])
+def test_large_copies_are_made_the_way_found_fastest_on_the_first_ones(monkeypatch, fast, built):
+    """The first copies of 1 MiB or more take every way in turn, timed; later ones the fastest; the bits are the same.
+
+    The streaming copy is a way only where ``_native``'s loops are built; a caller that turns them off
+    (``fused=False``) takes the faster of the other two even after the stream was chosen.
+    """
+    if not built:
+        monkeypatch.setitem(_native._STATE, "library", None)
+        monkeypatch.setitem(_native._STATE, "failed", "no C compiler found (for the test)")
+    elif _native.library() is None:
+        pytest.skip(f"the C loops cannot be built here: {_native._STATE['failed']}")
     monkeypatch.setitem(F._COPY, "method", None)
-    monkeypatch.setitem(F._COPY, "memmove", [])
-    monkeypatch.setitem(F._COPY, "copy_", [])
+    for way in ("memmove", "copy_", "stream"):
+        monkeypatch.setitem(F._COPY, way, [])
     ways: list[str] = []
     copy_by = F._copy_by
-    now = [0.0]  # a clock that only the copies move: the slow way takes 10 s, the other 1 s
+    # a clock that only the copies move: the fast way takes 1 s, the others 10 s, the stream 5 s
+    cost = {way: 1.0 if way == fast else 5.0 if way == "stream" else 10.0 for way in ("memmove", "copy_", "stream")}
+    now = [0.0]
 
     def timed(way: str, copy: Tensor, t: Tensor, nbytes: int) -> None:
         ways.append(way)
-        now[0] += 10.0 if way == slow else 1.0
+        now[0] += cost[way]
         copy_by(way, copy, t, nbytes)
 
     monkeypatch.setattr(F, "_copy_by", timed)
@@ -460,12 +498,18 @@ def test_large_copies_are_made_the_way_found_faster_on_the_first_ones(monkeypatc
     assert torch.equal(F._copies([small])[0], small) and F._COPY["method"] is None  # too small to time
     assert ways == ["memmove"]
     spare: list[Tensor] = []
-    for _ in range(8):
+    for _ in range(11):
         copies = F._copies([large, small], spare=spare)
         assert torch.equal(copies[0], large) and torch.equal(copies[1], small)
-    faster = "copy_" if slow == "memmove" else "memmove"
-    assert F._COPY["method"] == faster
-    # the large tensor's first six copies take the two ways in turn (the small one memmove meanwhile),
-    # the choice is made after the sixth, and from then on both take the faster way
-    turns = ["memmove", "memmove", "copy_", "memmove"] * 3
-    assert ways[1:] == turns[:-1] + [faster] * 5
+    candidates = ["memmove", "copy_", "stream"] if built else ["memmove", "copy_"]
+    chosen = fast if fast in candidates else "stream" if built else min(candidates, key=cost.__getitem__)
+    assert F._COPY["method"] == chosen
+    # the large tensor's first copies take the ways in turn (the small one memmove meanwhile), the choice
+    # is made after the last timed one, and from then on both take the chosen way
+    timed_copies = 3 * len(candidates)
+    turns = [w for i in range(timed_copies) for w in (candidates[i % len(candidates)], "memmove")]
+    assert ways[1:] == turns[:-1] + [chosen] * (1 + 2 * (11 - timed_copies))
+    if chosen == "stream":  # a caller without the C loops: the faster of the others, as timed
+        ways.clear()
+        assert torch.equal(F._copies([large], native=False)[0], large)
+        assert ways == [min(("memmove", "copy_"), key=cost.__getitem__)]
