@@ -707,40 +707,47 @@ def _fusable(tensors: Sequence[Tensor], before: Sequence[Tensor], numel: int | N
 
 #: How ``_copies`` copies a few large contiguous CPU tensors: ``"memmove"`` (the C library's), ``"copy_"``
 #: (torch's kernel) or ``"stream"`` (``_native``'s copy with non-temporal stores, where it is built),
-#: whichever made the fastest of the first copies of at least ``_TIMED_COPY_BYTES`` (``_copy_into``);
-#: None until then, with the seconds per byte of those copies so far. No way is faster everywhere:
-#: ``memmove`` took 1.6-1.8 passes of a ``mul_`` against 2.1 for torch's on one AMD EPYC machine of
-#: BENCHMARKS.md, 2.2-2.4 against 1.8-2.0 on another, where the stream took 1.4. All give the same bits.
-_COPY: dict[str, Any] = {"method": None, "memmove": [], "copy_": [], "stream": []}
+#: whichever made the fastest of the first copies of at least ``_TIMED_COPY_BYTES`` (``_copy_into``):
+#: ``"method"`` for callers that may use ``_native``, ``"plain"`` for those that may not (the faster of
+#: the first two); None until chosen, with the seconds per byte of the copies timed so far. No way is
+#: faster everywhere: ``memmove`` took 1.6-1.8 passes of a ``mul_`` against 2.1 for torch's on one AMD
+#: EPYC machine of BENCHMARKS.md, 2.2-2.4 against 1.8-2.0 on another, where the stream took 1.3-1.5.
+#: All give the same bits.
+_COPY: dict[str, Any] = {"method": None, "plain": None, "memmove": [], "copy_": [], "stream": []}
+_PLAIN_WAYS = ("memmove", "copy_")
 _TIMED_COPY_BYTES = 1 << 20
 _TIMED_COPIES = 3
 _clock = time.perf_counter
 
 
-def _copy_into(copy: Tensor, t: Tensor, native: bool = True) -> None:
+def _copy_into(copy: Tensor, t: Tensor, native: bool = True, fresh: bool = False) -> None:
     """``copy[:] = t`` (contiguous CPU tensors of one shape and dtype) by the fastest way of ``_COPY``.
 
     Until the way is chosen, copies of at least ``_TIMED_COPY_BYTES`` take the ways in turn (the
-    stream only with ``native`` and ``_native`` built) and are timed, and after ``_TIMED_COPIES`` each
-    the way with the shortest time per byte is kept for the process. The copies timed are the ones the
-    engine needs, as it makes them in its steps (a copy timed alone, with the tensors in cache, favours
-    the wrong way), so choosing costs nothing extra. A caller without ``native`` takes the faster of
-    the other two where the stream was chosen.
+    stream only with ``native`` and ``_native`` built) and are timed, and once each has been timed
+    ``_TIMED_COPIES`` times the way with the shortest time per byte is kept for the process. The copies
+    timed are the ones the engine needs, as it makes them in its steps (a copy timed alone, with the
+    tensors in cache, favours the wrong way), so choosing costs nothing extra; a copy into ``fresh``
+    memory (just allocated: its pages fault in as it is written, several times the copy's own cost) is
+    made but not timed. The timings are shared:
+    a caller without ``native`` (``fused=False``) chooses between the other two ways for itself and
+    leaves the stream to be timed by the first caller that may use it.
     """
     nbytes = t.numel() * t.element_size()
-    method = _COPY["method"]
-    if method is not None or nbytes < _TIMED_COPY_BYTES:
-        if method == "stream" and not native:
-            method = min(("memmove", "copy_"), key=lambda w: min(_COPY[w]))
-        _copy_by(method or "memmove", copy, t, nbytes)
+    key = "method" if native else "plain"
+    chosen = _COPY[key]
+    if chosen is not None or nbytes < _TIMED_COPY_BYTES or fresh:
+        _copy_by(chosen or "memmove", copy, t, nbytes)
         return
-    ways = ("memmove", "copy_", "stream") if native and _native.library() is not None else ("memmove", "copy_")
+    ways = (*_PLAIN_WAYS, "stream") if native and _native.library() is not None else _PLAIN_WAYS
     way = min(ways, key=lambda w: len(_COPY[w]))
     start = _clock()
     _copy_by(way, copy, t, nbytes)
     _COPY[way].append((_clock() - start) / nbytes)
-    if all(len(_COPY[w]) >= _TIMED_COPIES for w in ways):
-        _COPY["method"] = min(ways, key=lambda w: min(_COPY[w]))
+    # the plain choice is made from these timings too; a caller without the stream never makes the other
+    for key, among in (("plain", _PLAIN_WAYS), ("method", ways if native else None)):
+        if among and _COPY[key] is None and all(len(_COPY[w]) >= _TIMED_COPIES for w in among):
+            _COPY[key] = min(among, key=lambda w: min(_COPY[w]))
 
 
 def _copy_by(way: str, copy: Tensor, t: Tensor, nbytes: int) -> None:
@@ -773,10 +780,11 @@ def _copies(
         old = spare if spare is not None and len(spare) == len(tensors) else [None] * len(tensors)
         out = []
         for t, copy in zip(tensors, old, strict=True):
-            if copy is None or copy.shape != t.shape or copy.dtype != t.dtype or copy.data_ptr() == t.data_ptr():
+            fresh = copy is None or copy.shape != t.shape or copy.dtype != t.dtype or copy.data_ptr() == t.data_ptr()
+            if fresh:
                 copy = torch.empty_like(t, memory_format=torch.contiguous_format)
             if t.numel():  # (an empty tensor may have no address at all)
-                _copy_into(copy, t, native)
+                _copy_into(copy, t, native, fresh)
             out.append(copy)
         if spare is not None:
             spare[:] = out

@@ -65,6 +65,7 @@ def test_the_streaming_copy_copies_every_byte_at_any_alignment(threads):
 def _logged_run(monkeypatch: pytest.MonkeyPatch | None, **kwargs: object) -> tuple[list[torch.Tensor], float]:
     """Three logged decoupled steps of an SGD over four tensors of 2^18 + 5 elements: weights and last norm."""
     if monkeypatch is not None:  # as on a machine without a C compiler
+        monkeypatch.setitem(F._COPY, "method", None)
         monkeypatch.setitem(_native._STATE, "library", None)
         monkeypatch.setitem(_native._STATE, "failed", "FileNotFoundError: no C compiler found (for the test)")
     gen = torch.Generator().manual_seed(0)
@@ -95,6 +96,7 @@ def test_without_a_compiler_the_logged_step_gives_the_same_weights_and_norm(monk
 def test_a_failed_build_is_recorded_once_and_every_caller_keeps_the_torch_path(monkeypatch):
     monkeypatch.setitem(_native._STATE, "library", None)
     monkeypatch.setitem(_native._STATE, "failed", None)
+    monkeypatch.setitem(F._COPY, "method", None)  # (chosen by earlier tests, maybe the stream)
     monkeypatch.setenv("CC", "no-such-compiler-here")
     monkeypatch.setattr(_native, "_CC", ())
     assert _native.library() is None

@@ -477,7 +477,8 @@ def test_large_copies_are_made_the_way_found_fastest_on_the_first_ones(monkeypat
         monkeypatch.setitem(_native._STATE, "failed", "no C compiler found (for the test)")
     elif _native.library() is None:
         pytest.skip(f"the C loops cannot be built here: {_native._STATE['failed']}")
-    monkeypatch.setitem(F._COPY, "method", None)
+    for key in ("method", "plain"):
+        monkeypatch.setitem(F._COPY, key, None)
     for way in ("memmove", "copy_", "stream"):
         monkeypatch.setitem(F._COPY, way, [])
     ways: list[str] = []
@@ -498,18 +499,64 @@ def test_large_copies_are_made_the_way_found_fastest_on_the_first_ones(monkeypat
     assert torch.equal(F._copies([small])[0], small) and F._COPY["method"] is None  # too small to time
     assert ways == ["memmove"]
     spare: list[Tensor] = []
-    for _ in range(11):
+    for _ in range(12):
         copies = F._copies([large, small], spare=spare)
         assert torch.equal(copies[0], large) and torch.equal(copies[1], small)
     candidates = ["memmove", "copy_", "stream"] if built else ["memmove", "copy_"]
-    chosen = fast if fast in candidates else "stream" if built else min(candidates, key=cost.__getitem__)
-    assert F._COPY["method"] == chosen
-    # the large tensor's first copies take the ways in turn (the small one memmove meanwhile), the choice
-    # is made after the last timed one, and from then on both take the chosen way
+    chosen = min(candidates, key=cost.__getitem__)
+    plain = min(("memmove", "copy_"), key=cost.__getitem__)
+    assert F._COPY["method"] == chosen and F._COPY["plain"] == plain
+    # the large tensor's first copy, into new memory, is not timed; the next take the ways in turn (the
+    # small one memmove meanwhile), the choice is made after the last timed one, and from then on both
+    # take the chosen way
     timed_copies = 3 * len(candidates)
     turns = [w for i in range(timed_copies) for w in (candidates[i % len(candidates)], "memmove")]
-    assert ways[1:] == turns[:-1] + [chosen] * (1 + 2 * (11 - timed_copies))
-    if chosen == "stream":  # a caller without the C loops: the faster of the others, as timed
-        ways.clear()
-        assert torch.equal(F._copies([large], native=False)[0], large)
-        assert ways == [min(("memmove", "copy_"), key=cost.__getitem__)]
+    assert ways[1:] == ["memmove", "memmove"] + turns[:-1] + [chosen] * (1 + 2 * (11 - timed_copies))
+    ways.clear()  # a caller without the C loops (fused=False): the faster of the other two, as timed
+    assert torch.equal(F._copies([large], native=False)[0], large)
+    assert ways == [plain]
+
+
+def test_a_caller_without_the_c_loops_leaves_the_stream_to_be_timed_by_one_with_them(monkeypatch):
+    """A ``fused=False`` engine's copies choose between memmove and torch's copy for it alone: the next engine
+    that may stream times the stream (its first copies) and chooses among all three."""
+    if _native.library() is None:
+        pytest.skip(f"the C loops cannot be built here: {_native._STATE['failed']}")
+    for key in ("method", "plain"):
+        monkeypatch.setitem(F._COPY, key, None)
+    for way in ("memmove", "copy_", "stream"):
+        monkeypatch.setitem(F._COPY, way, [])
+    ways: list[str] = []
+    copy_by = F._copy_by
+    cost = {"memmove": 10.0, "copy_": 8.0, "stream": 1.0}
+    now = [0.0]
+
+    def timed(way: str, copy: Tensor, t: Tensor, nbytes: int) -> None:
+        ways.append(way)
+        now[0] += cost[way]
+        copy_by(way, copy, t, nbytes)
+
+    monkeypatch.setattr(F, "_copy_by", timed)
+    monkeypatch.setattr(F, "_clock", lambda: now[0])
+    large = torch.randn(2**19)
+    spare: list[Tensor] = []
+    for _ in range(8):  # the first into new memory, not timed
+        assert torch.equal(F._copies([large], spare=spare, native=False)[0], large)
+    assert ways == ["memmove"] + ["memmove", "copy_"] * 3 + ["copy_"]
+    assert F._COPY["plain"] == "copy_" and F._COPY["method"] is None
+    ways.clear()
+    for _ in range(4):
+        assert torch.equal(F._copies([large], spare=spare)[0], large)
+    assert ways == ["stream"] * 4 and F._COPY["method"] == "stream"
+
+
+def test_copies_into_new_memory_are_not_timed(monkeypatch):
+    """A copy into memory just allocated pays its page faults: timing it would choose the way by them."""
+    for key in ("method", "plain"):
+        monkeypatch.setitem(F._COPY, key, None)
+    for way in ("memmove", "copy_", "stream"):
+        monkeypatch.setitem(F._COPY, way, [])
+    large = torch.randn(2**19)
+    for _ in range(12):
+        assert torch.equal(F._copies([large])[0], large)  # no spare kept: a new copy every time
+    assert F._COPY["method"] is None and not any(F._COPY[w] for w in ("memmove", "copy_", "stream"))
