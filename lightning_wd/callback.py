@@ -127,12 +127,12 @@ class WeightDecayCallback(Callback):
             parameters before and after the step), and print a report per group at the end of the fit
             (``report``): the timescale against the run's length, and whether ``param_norm`` settled.
         fused: How ``cautious=True`` groups of a few large tensors are decayed, and how ``relative``
-            mode's ``mean_abs`` is measured on them (see ``WeightDecay``): ``True``, with kernels compiled
-            by ``torch.compile`` (one pass instead of several, a compile at the first step, and the
-            eager path, with one warning, where compiling fails); ``None`` (the default), with those
-            kernels only for CPU groups of at least 8M elements, where they repay their compile, quietly
-            falling back; ``False``, never, nor the two C loops built for a few large CPU tensors under
-            ``None`` and ``True`` (a logged step's decay and norm in one pass, and a streaming copy).
+            mode's ``mean_abs`` is measured on them (see ``WeightDecay``): ``None`` (the default), by C
+            loops built at the first use on CPU for float32/float64 (one pass; they also take a logged
+            step's norm in the decay's pass), else by ``torch.compile`` kernels for CPU groups of at least
+            8M elements, where they repay their compile, quietly falling back; ``True``, also with the
+            compiled kernels for every other such group and device (a compile at the first step, and
+            the eager path, with one warning, where compiling fails); ``False``, neither.
 
     Raises:
         ValueError: on an unknown ``mode``, ``source``, ``metric`` or ``ord``, or ``source``/``metric``

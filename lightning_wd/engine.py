@@ -512,20 +512,19 @@ class WeightDecay:
         track_diagnostics: Measure each group's ``update_ratio`` and ``angular_update`` at the next
             steps (for ``metrics(diagnostics=True)``); set it only before steps you log.
         fused: How ``cautious=True`` groups of a few large tensors (at most 8, or 32k elements each on
-            average) are decayed, and how ``mode="relative"`` measures ``mean_abs`` on them: ``True``,
-            with a kernel compiled by ``torch.compile`` (any floating dtype and device): one pass over
-            the parameters and their copy instead of several, and the measure in one read instead of
-            1.6-2 passes; the first step compiles it (seconds; on CPU a C++ compiler is needed), and
-            where compiling fails one warning says why and the eager path takes over, with the same
-            result. ``None`` (the default): the compiled kernels only for groups of at least 8M elements
-            on CPU, where they repay their compile (5-12 s on the benchmark machine) within a few thousand
-            steps (about ten thousand for the measure, which saves less), falling back quietly;
-            ``False``: never. Other modes and metrics, ``toward``, steps with ``track_diagnostics`` and
-            other tensors are not affected. Under ``None`` and ``True``, a few large contiguous float32/
-            float64 CPU tensors also take two C loops built with the C compiler at their first use (a
-            fraction of a second, no file kept): a logged step's decay and norm in one pass, and the
-            copy of ``cautious``/``source="update"`` with streaming stores where the engine's first
-            copies time it fastest; ``False`` turns these off too. Either gives the same bits.
+            average) are decayed, and how ``mode="relative"`` measures ``mean_abs`` on them, by fused
+            loops instead of several eager passes: on CPU, for float32 and float64, by C loops built
+            with the C compiler at their first use (a fraction of a second, nothing kept on disk),
+            which also take a logged step's decay and norm in one pass and may make the copy of
+            ``cautious``/``source="update"`` with streaming stores (where the engine's first copies
+            time that fastest); elsewhere (other dtypes and devices, or no C compiler) by kernels
+            compiled by ``torch.compile``. ``None`` (the default): the C loops wherever they apply, the
+            compiled kernels only for CPU groups of at least 8M elements, where they repay their compile
+            (5-12 s on the benchmark machine) within a few thousand steps, falling back quietly; ``True``:
+            the compiled kernels for every such group of any floating dtype and device, where the C
+            loops do not apply (the first step compiles; where compiling fails, one warning says why
+            and the eager path takes over, with the same result); ``False``: neither. Other modes and
+            metrics, ``toward``, steps with ``track_diagnostics`` and other tensors are not affected.
 
     Raises:
         TypeError: on an ``optimizer`` that is not one, a flag that is not a bool, or ``rules``

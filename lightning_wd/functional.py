@@ -781,7 +781,7 @@ def _copies(
         out = []
         for t, copy in zip(tensors, old, strict=True):
             fresh = copy is None or copy.shape != t.shape or copy.dtype != t.dtype or copy.data_ptr() == t.data_ptr()
-            if fresh:
+            if copy is None or fresh:
                 copy = torch.empty_like(t, memory_format=torch.contiguous_format)
             if t.numel():  # (an empty tensor may have no address at all)
                 _copy_into(copy, t, native, fresh)
@@ -818,13 +818,23 @@ def _cautious_decay_(
     (``p - m * clamp(p, -step, step)`` for ``ord=1``), the same bits as with ``q``: multiplying by -1
     or 1 is exact.
 
-    With ``fused=True``, a few large tensors of any floating dtype and device are decayed by one compiled
-    kernel each (``_fused_cautious_``), the rest as above; with ``fused=None``, only where
-    ``_fuse_by_default`` says the kernel pays for its compile (large CPU groups), quietly falling back.
+    Unless ``fused`` is False, the same tensors, where ``_native``'s C loops are built, are decayed by one
+    loop each instead: one read of each tensor and its copy and one write, the compiled kernel's bits
+    (``p - p step``, ``p - clamp(p, -step, step)``). Elsewhere, with ``fused=True``, a few large tensors
+    of any floating dtype and device are decayed by one compiled kernel each (``_fused_cautious_``), the
+    rest as above; with ``fused=None``, only where ``_fuse_by_default`` says the kernel pays for its
+    compile (large CPU groups), quietly falling back.
 
     Call under no_grad with lists of one device and dtype, checked by the caller.
     """
     if not tensors:
+        return
+    if _native_ready(tensors, before, numel, fused):
+        # one C loop per tensor: one read of it and its copy, one write (the compiled kernel's bits)
+        value = float(_on(step, tensors[0].device)) if isinstance(step, Tensor) else step
+        for t, b in zip(tensors, before, strict=True):
+            if t.numel():
+                _native.cautious_(t, b, value, ord == 1)
         return
     if fused or (fused is None and _fuse_by_default(tensors, numel)):
         done = _fused_cautious_(tensors, before, step, ord, numel, warn=bool(fused))
@@ -881,7 +891,7 @@ def _decay_and_square_sum_(
     if not tensors or not _in_blocks(tensors, [], numel):
         return None
     factor = 1 - _on(step, tensors[0].device) if isinstance(step, Tensor) else _factor(1.0 - step, tensors, dtypes)
-    if native and _native.library() is not None:
+    if native and _native.library() is not None:  # (the tensors are _in_blocks, checked above)
         # one loop decays and sums each tensor: the factor as the tensors' dtype holds it, the same bits
         value = float(factor)
         total = math.fsum(_native.decay_sumsq_(t, value) for t in tensors if t.numel())
@@ -906,6 +916,14 @@ def _in_blocks(tensors: Sequence[Tensor], others: Sequence[Tensor], numel: int |
             for t in (*tensors, *others)
         )
     )
+
+
+def _native_ready(
+    tensors: Sequence[Tensor], others: Sequence[Tensor], numel: int | None, fused: bool | None = None
+) -> bool:
+    """Whether ``_native``'s C loops take ``tensors`` (and ``others``): ``fused`` not False, the tensors
+    ``_in_blocks`` (few or large contiguous float32/float64 CPU tensors of one dtype), and the loops built."""
+    return fused is not False and bool(tensors) and _in_blocks(tensors, others, numel) and _native.library() is not None
 
 
 def _cautious_block_(p: Tensor, b: Tensor, mask: Tensor, scratch: Tensor, step: Step, ord: int) -> None:
@@ -1192,12 +1210,16 @@ def _abs_sum(tensors: Sequence[Tensor], fused: bool | None = False) -> Tensor:
     memory; few or large float32/float64 tensors (``_few_large``: a contiguous group's buffer, a
     model's weight matrices) are instead summed in blocks that stay in cache: absolute values into
     one scratch block, then the vectorised sum (1.6-2x a ``mul_`` pass, the two operations per block
-    costing more than the memory they read). ``fused`` (as the engine's): ``True``, or ``None`` where
-    ``_fuse_by_default`` says it pays, sums few or large contiguous tensors of one floating dtype by
+    costing more than the memory they read), or, unless ``fused`` is False, by ``_native``'s C loop
+    where it is built (one read, summed in float64). Elsewhere ``fused`` (as the engine's): ``True``, or
+    ``None`` where ``_fuse_by_default`` says it pays, sums few or large contiguous tensors of one floating dtype by
     ``_abs_sum_kernel`` compiled by ``torch.compile`` instead, one call per tensor and one read (about
     one ``mul_`` pass for a few large tensors); where compiling fails, as above. Everything else is
     reduced with the foreach norms.
     """
+    if _native_ready(tensors, (), None, fused):  # one C loop per tensor, one read, summed in float64
+        looped = math.fsum(_native.abs_sum(t.detach()) for t in tensors if t.numel())
+        return torch.tensor(looped, dtype=torch.float32)
     if fused or (fused is None and _fuse_by_default(tensors, None, "abs_sum")):
         total = _fused_abs_sum(tensors) if _FUSED["failed"] is None and _fusable(tensors, (), None) else None
         if fused:

@@ -45,3 +45,15 @@ def _fresh_launch_environment() -> Iterator[None]:
     for k in LAUNCH_VARIABLES:
         os.environ.pop(k, None)
     os.environ.update(saved)
+
+
+@pytest.fixture
+def without_c_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine where ``lightning_wd._native``'s C loops cannot be built (no C compiler): the CPU
+    takes the ``torch.compile`` kernels and the eager paths."""
+    from lightning_wd import _native
+    from lightning_wd import functional as F
+
+    monkeypatch.setitem(_native._STATE, "library", None)
+    monkeypatch.setitem(_native._STATE, "failed", "RuntimeError: turned off for the test")
+    monkeypatch.setitem(F._COPY, "method", None)  # (the stream, chosen by an earlier test, is not there)

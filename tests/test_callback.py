@@ -63,9 +63,47 @@ def test_every_mode_matches_reference_with_lr_schedule(tmp_path, config):
     assert recorder.checked == 5
 
 
+@pytest.mark.parametrize("fused", [None, True], ids=["default", "fused"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"cautious": True}, {"cautious": True, "ord": 1}, {"mode": "relative"}],
+    ids=["cautious", "L1", "relative"],
+)
+def test_cpu_groups_take_the_c_loops_in_a_real_fit_and_match_the_reference(tmp_path, monkeypatch, kwargs, fused):
+    """On CPU the cautious decay and relative's measure of a group of a few float32 tensors run in
+    ``_native``'s C loops (counted), by default and with ``fused=True``: the formula's decay at every step."""
+    from lightning_wd import _native
+
+    if _native.library() is None:
+        pytest.skip(f"the C loops cannot be built here: {_native._STATE['failed']}")
+    looped = []
+    cautious_, abs_sum = _native.cautious_, _native.abs_sum
+
+    def counting_cautious_(t, before, step, soft):
+        looped.append(t.numel())
+        cautious_(t, before, step, soft)
+
+    def counting_abs_sum(t):
+        looped.append(t.numel())
+        return abs_sum(t)
+
+    monkeypatch.setattr(_native, "cautious_", counting_cautious_)
+    monkeypatch.setattr(_native, "abs_sum", counting_abs_sum)
+    model = WDNet(scheduler=step_scheduler)
+    recorder = StepRecorder(
+        WDS, mode=kwargs.get("mode", "decoupled"), **{k: v for k, v in kwargs.items() if k != "mode"}
+    )
+    callback = lwd.WeightDecayCallback(**kwargs, fused=fused)
+    trainer(tmp_path, [callback, recorder]).fit(model, loader())
+    assert recorder.checked == 5
+    decayed = sum(p.numel() for n, p in model.named_parameters() if n in WDS)
+    assert sum(looped) == 5 * decayed  # every decayed element, once per step, in a C loop
+
+
 @pytest.mark.skipif(
     not any(map(shutil.which, ("g++", "clang++", "c++"))), reason="torch.compile needs a C++ compiler on CPU"
 )
+@pytest.mark.usefixtures("without_c_loops")
 @pytest.mark.parametrize("ord", [2, 1], ids=["cautious", "cautious-L1"])
 def test_fused_cautious_decay_matches_reference_and_runs_the_compiled_kernel(tmp_path, monkeypatch, ord):
     """``fused=True``: the same decay as the formula, by the kernel torch.compile made (counted)."""
@@ -100,6 +138,7 @@ def test_fused_cautious_decay_matches_reference_and_runs_the_compiled_kernel(tmp
 @pytest.mark.skipif(
     not any(map(shutil.which, ("g++", "clang++", "c++"))), reason="torch.compile needs a C++ compiler on CPU"
 )
+@pytest.mark.usefixtures("without_c_loops")
 def test_fused_relative_measure_matches_reference_and_runs_the_compiled_kernel(tmp_path, monkeypatch):
     """``fused=True`` in relative mode: the decay of the formula, m measured by the kernel torch.compile made."""
     from lightning_wd import functional as F

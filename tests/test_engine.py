@@ -636,6 +636,7 @@ def test_a_deep_copy_of_the_optimizer_steps_its_own_parameters_without_the_engin
     torch.testing.assert_close(twin.param_groups[1]["params"][0].detach(), before - LR * (1 + WD * before))
 
 
+@pytest.mark.usefixtures("without_c_loops")
 def test_fused_cautious_falls_back_to_foreach_once_compiling_fails_and_decays_each_tensor_once(monkeypatch):
     """A compiler failure part-way through a step: one warning, the rest on the foreach path, nothing twice."""
     from lightning_wd import functional as F
@@ -674,6 +675,7 @@ def _counting_kernel(calls: list, fail_at: int | None = None):
     return kernel
 
 
+@pytest.mark.usefixtures("without_c_loops")
 @pytest.mark.parametrize(("threshold", "fused"), [(36, True), (37, False)], ids=["large-enough", "too-small"])
 def test_the_default_fused_none_takes_the_kernel_only_for_cpu_groups_large_enough_to_repay_it(
     monkeypatch, threshold, fused
@@ -696,6 +698,7 @@ def test_the_default_fused_none_takes_the_kernel_only_for_cpu_groups_large_enoug
     assert sum(calls) == (36 * len(data) if fused else 0)
 
 
+@pytest.mark.usefixtures("without_c_loops")
 def test_the_default_falls_back_quietly_and_a_later_fused_true_is_told_why(monkeypatch):
     """A failed compile under ``fused=None`` is not a warning (nobody asked for it); ``fused=True`` then says why."""
     from lightning_wd import functional as F
@@ -718,6 +721,7 @@ def test_the_default_falls_back_quietly_and_a_later_fused_true_is_told_why(monke
     assert calls == [24]
 
 
+@pytest.mark.usefixtures("without_c_loops")
 def test_the_default_does_not_compile_without_a_cpp_compiler(monkeypatch):
     """No C++ compiler on the machine: ``fused=None`` never calls torch.compile, and says nothing."""
     from lightning_wd import functional as F
@@ -750,6 +754,7 @@ def _counting_abs_sum(calls: list, fail_at: int | None = None):
     return kernel
 
 
+@pytest.mark.usefixtures("without_c_loops")
 @pytest.mark.parametrize("source", ["params", "update", "grad"])
 def test_fused_relative_measures_every_tensor_by_the_kernel(monkeypatch, source):
     """``fused=True``: m is the documented mean |x|, each decayed tensor measured by one call of the kernel."""
@@ -782,6 +787,7 @@ def test_the_measure_kernel_sums_rows_and_the_rest(dtype, numel):
     assert float(total) == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
+@pytest.mark.usefixtures("without_c_loops")
 @pytest.mark.parametrize(("threshold", "fused"), [(36, True), (37, False)], ids=["large-enough", "too-small"])
 def test_the_default_measures_relative_by_the_kernel_only_for_cpu_groups_large_enough(monkeypatch, threshold, fused):
     """``fused=None``: the decayed group (36 elements) is measured by the kernel from ``_AUTO_FUSED_NUMEL`` elements."""
@@ -799,6 +805,7 @@ def test_the_default_measures_relative_by_the_kernel_only_for_cpu_groups_large_e
     assert calls == ([24, 12] * len(data) if fused else [])
 
 
+@pytest.mark.usefixtures("without_c_loops")
 def test_a_failed_compile_of_the_measure_falls_back_with_one_warning_and_the_same_decay(monkeypatch):
     """The kernel fails on the second tensor of the first step: that step's m is measured again eagerly."""
     from lightning_wd import functional as F

@@ -62,6 +62,73 @@ def test_the_streaming_copy_copies_every_byte_at_any_alignment(threads):
         torch.set_num_threads(previous)
 
 
+@built
+@pytest.mark.parametrize("soft", [False, True], ids=["ord2", "ord1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_cautious_loop_decays_exactly_where_the_update_moved_toward_zero(dtype, soft):
+    gen = torch.Generator().manual_seed(5)
+    step = 0.05
+    for n in SIZES[:-2]:  # (the formula in Python, element by element: the shorter lengths)
+        before = torch.randn(n, dtype=dtype, generator=gen)
+        p = before + 0.3 * torch.randn(n, dtype=dtype, generator=gen)
+        if n > 20:  # a NaN, signed zeros, a coordinate that did not move, one that crossed zero
+            p[:5] = torch.tensor([float("nan"), -0.0, 0.0, float(before[3]), -float(before[4])], dtype=dtype)
+        expected = p.clone()
+        s = float(torch.tensor(step, dtype=dtype))  # the step as the dtype holds it
+
+        def held(v: float) -> torch.Tensor:
+            return torch.tensor(v, dtype=dtype)
+
+        for i, (x, b) in enumerate(zip(p.tolist(), before.tolist(), strict=True)):  # the formula, element by element
+            if (x - b) * b < 0:
+                expected[i] = held(x) - held(min(max(x, -s), s)) if soft else held(x) - held(x) * held(s)
+        _native.cautious_(p, before, step, soft)
+        bits = torch.int64 if dtype == torch.float64 else torch.int32
+        assert torch.equal(p.view(bits), expected.view(bits)), n  # NaN and the signs of zeros included
+
+
+@built
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_absolute_sum_is_the_exact_sum(dtype, threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(6)
+        for n in SIZES:
+            t = torch.randn(n, dtype=dtype, generator=gen)
+            reference = math.fsum(abs(v) for v in t.tolist())
+            assert _native.abs_sum(t) == pytest.approx(reference, rel=1e-12), n
+    finally:
+        torch.set_num_threads(previous)
+
+
+@built
+@pytest.mark.parametrize("kwargs", [{"cautious": True}, {"mode": "relative"}], ids=["cautious", "relative"])
+def test_the_c_loops_and_the_paths_without_them_decay_alike(monkeypatch, kwargs):
+    """Five SGD steps over a few large tensors: the C loops against the eager paths of a machine without them."""
+
+    def run() -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(2**18 + 9, generator=gen)) for _ in range(3)]
+        optimizer = torch.optim.SGD([{"params": params, "weight_decay": 0.5, PLANNED_KEY: True}], lr=0.1)
+        lwd.WeightDecay(optimizer, **kwargs)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step()
+        return [p.detach().clone() for p in params]
+
+    with_loops = run()
+    monkeypatch.setitem(F._COPY, "method", None)
+    monkeypatch.setitem(_native._STATE, "library", None)
+    monkeypatch.setitem(_native._STATE, "failed", "RuntimeError: turned off for the test")
+    without = run()
+    for a, b in zip(with_loops, without, strict=True):
+        # the same decay to the last bit of a multiply-add (the eager cautious path forms p + s p q)
+        assert torch.allclose(a, b, rtol=1e-6, atol=0)
+
+
 def _logged_run(monkeypatch: pytest.MonkeyPatch | None, **kwargs: object) -> tuple[list[torch.Tensor], float]:
     """Three logged decoupled steps of an SGD over four tensors of 2^18 + 5 elements: weights and last norm."""
     if monkeypatch is not None:  # as on a machine without a C compiler
